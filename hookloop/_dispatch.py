@@ -175,7 +175,7 @@ def _compile_plain(
             lines.extend("    " + b for b in body)
     lines.append("    return None" if firstresult else "    return _res")
     src = "\n".join(lines)
-    exec(compile(src, f"<hookloop plan {name}>", "exec"), ns)  # noqa: S102 - generated
+    exec(compile(src, f"<hookloop plan {name}>", "exec"), ns)
     func = ns[name]
     func.__hookloop_source__ = src
     return func
@@ -193,7 +193,7 @@ def _guard(entry: PlanEntry) -> HookImpl:
     on_success = entry.on_success
     check = None
     if only_spec is not None and only_spec.condition("s"):
-        check = eval(f"lambda s: {only_spec.condition('s')}")  # noqa: S307 - generated
+        check = eval(f"lambda s: {only_spec.condition('s')}")
 
     def guarded(*args: Any) -> Any:
         if check is not None and not check(args[impl.argnames.index("loop")].state):
@@ -243,7 +243,7 @@ def _compile_with_pluggy(
         f"    return _hookexec({name!r}, _impls, {{{kwargs}}}, {firstresult!r})\n"
     )
     ns: dict[str, Any] = {"_hookexec": hookexec, "_impls": impls}
-    exec(compile(src, f"<hookloop plan {name}>", "exec"), ns)  # noqa: S102 - generated
+    exec(compile(src, f"<hookloop plan {name}>", "exec"), ns)
     func = ns[name]
     func.__hookloop_source__ = src
     return func

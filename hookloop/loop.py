@@ -315,7 +315,7 @@ class Loop:
         if not names and not self._dist.active:
             return {}
         vec = torch.stack([
-            s.to(self.device) if isinstance(s, torch.Tensor)
+            s if isinstance(s, torch.Tensor)
             else torch.tensor(float(s), device=self.device)
             for s, _ in (sums[n] for n in names)
         ]) if names else torch.zeros(0, device=self.device)
@@ -819,7 +819,8 @@ class Loop:
             _set_rng(mine["now"])
             self._rng_epoch_start = mine.get("epoch_start")
             self._loader_state = mine.get("loader") or {}
-            self._resume_rng = mine["now"] if self.state.epoch_batches_done and not self.state.epoch_done else None
+            mid_epoch = self.state.epoch_batches_done and not self.state.epoch_done
+            self._resume_rng = mine["now"] if mid_epoch else None
         h = self.hooks.on_load_checkpoint
         if h is not None:
             h(self, checkpoint)

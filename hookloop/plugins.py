@@ -77,7 +77,7 @@ class AvailablePlugin:
     @property
     def always_on(self) -> bool:
         """True for a module or instance, which autoload registers as is."""
-        return self.obj is not None and not callable(self.obj) or inspect.ismodule(self.obj)
+        return (self.obj is not None and not callable(self.obj)) or inspect.ismodule(self.obj)
 
 
 _AVAILABLE: dict[str, AvailablePlugin] | None = None
@@ -487,7 +487,7 @@ def _declared_order(impls: list[Any], name2plugin: Mapping[str, Any]) -> list[An
             if other in index:
                 edges[me].add(other)
     indeg = {n: 0 for n in names}
-    for a, bs in edges.items():
+    for bs in edges.values():
         for b in bs:
             indeg[b] += 1
     ready = sorted((n for n in names if indeg[n] == 0), key=index.__getitem__)

@@ -1,0 +1,257 @@
+"""Test helpers for hookloop and plugin authors: a hook recorder, a host-device sync
+guard, a tiny model and data, and a helper that runs a plugin through a short fit.
+
+Typical plugin test::
+
+    from hookloop.testing import run_plugin
+
+    def test_my_plugin(tmp_path):
+        loop, rec = run_plugin(MyPlugin(tmp_path), max_epochs=2)
+        assert rec.names().count("on_train_epoch_end") == 2
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from hookloop import hookspecs
+from hookloop.loop import Loop
+from hookloop.plugins import HOOK_NAMES, hookimpl
+
+__all__ = [
+    "HookCall",
+    "HookRecorder",
+    "SyncEvent",
+    "SyncGuard",
+    "run_plugin",
+    "tiny_data",
+    "tiny_loop",
+    "tiny_model",
+]
+
+
+@dataclass
+class HookCall:
+    """One recorded hook call: its name and the arguments it received (``loop``
+    left out)."""
+
+    name: str
+    kwargs: dict[str, Any]
+    step: int
+    epoch: int
+
+
+def _make_recorder_class() -> type:
+    namespace: dict[str, Any] = {"hookimpl": hookimpl}
+    lines = ["class _Base:"]
+    for name in HOOK_NAMES:
+        spec = getattr(hookspecs, name)
+        args = list(spec.__code__.co_varnames[: spec.__code__.co_argcount])
+        kw = ", ".join(f"{a!r}: {a}" for a in args if a != "loop")
+        lines += [
+            "    @hookimpl",
+            f"    def {name}(self, {', '.join(args)}):",
+            f"        self._record({name!r}, loop, {{{kw}}})",
+        ]
+    exec("\n".join(lines), namespace)
+    return namespace["_Base"]
+
+
+class HookRecorder(_make_recorder_class()):  # type: ignore[misc]
+    """A plugin that implements every hook and records each call in order.
+
+    :param hooks: record only these hook names (default: all).
+    """
+
+    def __init__(self, hooks: Sequence[str] | None = None) -> None:
+        self.only = set(hooks) if hooks is not None else None
+        self.calls: list[HookCall] = []
+
+    def _record(self, name: str, loop: Any, kwargs: dict[str, Any]) -> None:
+        if self.only is None or name in self.only:
+            state = loop.state
+            self.calls.append(HookCall(name, kwargs, state.global_step, state.epoch))
+
+    def names(self) -> list[str]:
+        """The hook names in call order."""
+        return [c.name for c in self.calls]
+
+    def of(self, name: str) -> list[HookCall]:
+        """The calls of one hook."""
+        return [c for c in self.calls if c.name == name]
+
+    def logged(self) -> list[tuple[int, dict[str, float]]]:
+        """Every ``on_log`` call as ``(step, metrics)``."""
+        return [(c.kwargs["step"], c.kwargs["metrics"]) for c in self.of("on_log")]
+
+
+@dataclass
+class SyncEvent:
+    """One host-device sync point: the operation and where the loop was."""
+
+    op: str
+    step: int | None
+    stage: str | None
+
+
+_SYNC_METHODS = {
+    "item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__",
+    "__complex__", "__format__", "nonzero", "_local_scalar_dense",
+}
+_SYNC_FUNCS = {"nonzero", "masked_select", "unique", "equal", "allclose", "is_nonzero"}
+
+
+def _op_name(func: Any) -> str:
+    return getattr(func, "__name__", repr(func))
+
+
+class _CountingMode(TorchFunctionMode):
+    def __init__(self, guard: SyncGuard) -> None:
+        super().__init__()
+        self.guard = guard
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = _op_name(func)
+        if name in _SYNC_METHODS or name in _SYNC_FUNCS or (
+            name == "to" and _to_cpu(args, kwargs)
+        ):
+            self.guard._hit(name)
+        return func(*args, **kwargs)
+
+
+def _to_cpu(args: Any, kwargs: Any) -> bool:
+    target = kwargs.get("device")
+    if target is None:
+        for a in args[1:]:
+            if isinstance(a, (str, torch.device)):
+                target = a
+                break
+    if target is None:
+        return False
+    source = args[0] if args else None
+    # a copy to the CPU syncs; a no-op .to() on a tensor already there does not
+    return torch.device(target).type == "cpu" and isinstance(source, torch.Tensor) and (
+        source.device.type != "cpu"
+    )
+
+
+@dataclass
+class SyncGuard:
+    """Count host-device synchronisation points raised inside a ``with`` block.
+
+    On every device it intercepts, through a ``TorchFunctionMode``, the tensor
+    operations that force a sync on an accelerator (``item``, ``tolist``, ``__bool__``,
+    ``__float__``, ``__int__``, ``cpu()``, ``numpy()``, copies to CPU, ``nonzero``...);
+    so a CPU test proves what a GPU run would do. On CUDA it also turns on
+    ``torch.cuda.set_sync_debug_mode("warn")`` and counts the warnings it raises.
+
+    :param loop: if given, each event records ``loop.state.global_step`` and stage.
+    """
+
+    loop: Any = None
+    events: list[SyncEvent] = field(default_factory=list)
+    cuda_events: int = 0
+
+    def _hit(self, op: str) -> None:
+        state = getattr(self.loop, "state", None)
+        self.events.append(SyncEvent(op, getattr(state, "global_step", None),
+                                     getattr(state, "stage", None)))
+
+    @property
+    def count(self) -> int:
+        """Number of sync points seen (CPU interception plus CUDA debug warnings)."""
+        return len(self.events) + self.cuda_events
+
+    def steps(self) -> set[int | None]:
+        """The global steps at which a sync happened."""
+        return {e.step for e in self.events}
+
+    def __enter__(self) -> SyncGuard:
+        self._mode = _CountingMode(self)
+        self._mode.__enter__()
+        self._cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if self._cuda:
+            self._old_debug = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("warn")
+            self._warn_ctx = warnings.catch_warnings(record=True)
+            self._warned = self._warn_ctx.__enter__()
+            warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mode.__exit__(*exc)
+        if self._cuda:
+            torch.cuda.set_sync_debug_mode(self._old_debug)
+            self._warn_ctx.__exit__(*exc)
+            self.cuda_events += sum(
+                "synchroniz" in str(w.message).lower() for w in self._warned
+            )
+
+
+def tiny_model(seed: int = 0, in_features: int = 4, classes: int = 3) -> nn.Module:
+    """A small two-layer classifier, seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(in_features, 16), nn.ReLU(), nn.Linear(16, classes))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+def tiny_data(
+    n: int = 64, batch_size: int = 8, seed: int = 0, in_features: int = 4, classes: int = 3
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A list of ``(x, y)`` batches of a learnable classification problem."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_features, generator=gen)
+    w = torch.randn(in_features, classes, generator=gen)
+    y = (x @ w).argmax(dim=1)
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def _accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (output.argmax(dim=1) == target).float().mean()
+
+
+def tiny_loop(plugins: Sequence[Any] = (), *, seed: int = 0, lr: float = 0.1, **kwargs: Any) -> Loop:
+    """A :class:`Loop` over :func:`tiny_model` and :func:`tiny_data` with validation
+    (``val/loss``, ``val/acc``), cross-entropy and SGD; ``kwargs`` go to ``Loop``."""
+    torch.manual_seed(seed)
+    model = kwargs.pop("model", None) or tiny_model(seed)
+    kwargs.setdefault("val_data", tiny_data(32, 8, seed + 1))
+    kwargs.setdefault("loss_fn", nn.functional.cross_entropy)
+    kwargs.setdefault("val_metrics", {"acc": _accuracy})
+    kwargs.setdefault("log_every_n_steps", 4)
+    kwargs.setdefault("autoload", False)
+    optimizer = kwargs.pop("optimizer", None) or torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=0.9
+    )
+    train = kwargs.pop("train_data", None) or tiny_data(64, 8, seed)
+    return Loop(model, optimizer, train, plugins=list(plugins), **kwargs)
+
+
+def run_plugin(
+    plugin: Any, *, max_epochs: int | None = 2, max_steps: int | None = None, **kwargs: Any
+) -> tuple[Loop, HookRecorder]:
+    """Run ``plugin`` (an object or an installed plugin name) through a short fit of
+    :func:`tiny_loop` with a :class:`HookRecorder` after it; returns both."""
+    recorder = HookRecorder()
+    plugins = [*kwargs.pop("plugins", []), plugin, recorder]
+    loop = tiny_loop(plugins, **kwargs)
+    if max_steps is not None:
+        max_epochs = None
+    loop.fit(max_epochs=max_epochs, max_steps=max_steps)
+    return loop, recorder
+
+
+def iter_hook_names() -> Iterator[str]:
+    """Every hook name, in the order of :mod:`hookloop.hookspecs`."""
+    return iter(HOOK_NAMES)
