@@ -227,7 +227,8 @@ class PluginManager(pluggy.PluginManager):
         try:
             registered = super().register(plugin, final)
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"plugin {final!r}: {exc}") from exc
+            detail = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            raise PluginError(f"plugin {final!r}: {detail}") from exc
         except ValueError as exc:
             raise PluginError(f"plugin {final!r}: {exc}") from exc
         assert registered is not None
