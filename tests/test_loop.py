@@ -291,7 +291,7 @@ def test_optimizer_without_model_params_is_rejected() -> None:
 
 
 def test_other_bad_input() -> None:
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module; got str"):
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module; got str"):
         Loop("model", None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="give loss_fn"):
         Loop(tiny_model(), None, tiny_data(), autoload=False)
