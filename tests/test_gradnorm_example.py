@@ -33,10 +33,8 @@ EXAMPLE = ROOT / "examples" / "hookloop-gradnorm"
 CHILD = r'''
 import importlib.metadata
 import json
-import math
 import sys
 
-import hookloop_gradnorm
 import torch
 from hookloop import Loop
 from hookloop.testing import tiny_data, tiny_model
@@ -47,6 +45,7 @@ class Recording(Tracker):
     """A tracker whose backend keeps every metric record in a list."""
 
     tracker_name = "recording"
+    hookloop_name = "recording"
 
     def __init__(self):
         super().__init__(log_hparams=False)
@@ -56,23 +55,33 @@ class Recording(Tracker):
         self.records.append([step, dict(metrics)])
 
 
-model = tiny_model()
-tracker = Recording()
-loop = Loop(model, torch.optim.SGD(model.parameters(), lr=0.1), tiny_data(64, 8),
-            loss_fn=torch.nn.functional.cross_entropy, log_every_n_steps=4,
-            plugins=["gradnorm", tracker], autoload=False)
-loop.fit(max_epochs=2)
+def fit(plugin):
+    model = tiny_model()
+    tracker = Recording()
+    loop = Loop(model, torch.optim.SGD(model.parameters(), lr=0.1), tiny_data(64, 8),
+                loss_fn=torch.nn.functional.cross_entropy, log_every_n_steps=4,
+                plugins=[plugin, tracker], autoload=False)
+    loop.fit(max_epochs=2)  # 8 batches an epoch: 16 steps
+    return {
+        "plugins": [name for name, _ in loop.pm.plugin_items()],
+        "plugin_type": type(loop.get_plugin("gradnorm")).__module__,
+        "before_step": loop.pm.plan()["on_before_optimizer_step"],
+        "tracker_state": tracker.state,
+        "records": tracker.records,
+    }
+
+
+# nothing imported the plugin: the loop finds it by its entry-point name
+assert "hookloop_gradnorm" not in sys.modules
+by_name = fit("gradnorm")
 print(json.dumps({
     "entry_points": sorted(
         [ep.name, ep.dist.metadata["Name"] if ep.dist else "?"]
         for ep in importlib.metadata.entry_points(group="hookloop")
     ),
-    "module_file": hookloop_gradnorm.__file__,
-    "plugins": [name for name, _ in loop.pm.plugin_items()],
-    "plugin_type": type(loop.get_plugin("gradnorm")).__module__,
-    "before_step": loop.pm.plan()["on_before_optimizer_step"],
-    "tracker_state": tracker.state,
-    "records": tracker.records,
+    "module_file": sys.modules["hookloop_gradnorm"].__file__,
+    "by_name": by_name,
+    "with_options": fit(("gradnorm", {"every_n_steps": 4})),
 }))
 '''
 
@@ -130,14 +139,21 @@ def test_installed_example_is_enabled_by_name_and_its_metric_reaches_a_tracker(
     assert set(seen) - outer == {"gradnorm"}
     venv = (tmp_path / "venv").resolve()
     assert Path(report["module_file"]).resolve().is_relative_to(venv)
-    assert report["plugin_type"] == "hookloop_gradnorm"
-    assert report["plugins"] == ["recording", "gradnorm"] or sorted(report["plugins"]) == [
-        "gradnorm", "recording"]
-    assert report["before_step"] == ["gradnorm"]
+    by_name = report["by_name"]
+    assert by_name["plugin_type"] == "hookloop_gradnorm"
+    assert sorted(by_name["plugins"]) == ["gradnorm", "recording"]
+    assert by_name["before_step"] == ["gradnorm"]
 
-    # the metric arrived at the tracker's backend, through on_log
-    assert report["tracker_state"] == "closed"
-    interval = {step: m["grad/norm"] for step, m in report["records"] if "grad/norm" in m}
-    assert sorted(interval) == [4, 8, 12, 16]  # 8 batches an epoch, 2 epochs, every 4 steps
-    assert all(value > 0 for value in interval.values())
-    assert sum("grad/norm_epoch" in m for _, m in report["records"]) == 2
+    # the metric arrived at the tracker's backend, through on_log. Default options:
+    # measured every 50 steps, i.e. at global step 0 only in this 16-step fit, so it is
+    # reduced at the first log interval (step 4) and in the first epoch's means.
+    assert by_name["tracker_state"] == "closed"
+    records = by_name["records"]
+    assert [step for step, m in records if "grad/norm" in m] == [4]
+    assert [step for step, m in records if "grad/norm_epoch" in m] == [8]
+    assert all(m.get("grad/norm", 1.0) > 0 for _, m in records)
+
+    # options travel with the name: every 4 steps, so one value in every log interval
+    records = report["with_options"]["records"]
+    assert [step for step, m in records if "grad/norm" in m] == [4, 8, 12, 16]
+    assert [step for step, m in records if "grad/norm_epoch" in m] == [8, 16]
