@@ -456,30 +456,25 @@ class Loop:
             stepped = self._stepped_manual
             self._skip_step = False
         else:
-            boundary = self.grad_accum == 1 or (batch_idx + 1) % self.grad_accum == 0 or (
-                batch_idx + 1 == self._epoch_len
-            )
-            sync_ctx = (
-                self.model.no_sync()  # type: ignore[operator]
-                if not boundary and self._dist.active
-                else contextlib.nullcontext()
-            )
-            with sync_ctx:
-                with self._autocast():
-                    if self.step_fn is None:
-                        result = self._default_step(batch)
-                    else:
-                        result = self.step_fn(self, batch)
-                if result is None:
-                    state.stepped = False
-                    return None
-                loss = result["loss"] if isinstance(result, Mapping) else result
-                _checked_loss(loss)
-                self.backward(loss)
+            accum = self.grad_accum
+            boundary = accum == 1 or (batch_idx + 1) % accum == 0 or batch_idx + 1 == self._epoch_len
+            if self._autocast_dtype is None and (boundary or not self._dist.active):
+                result = self._forward_backward(batch)  # fast path: no context managers
+            else:
+                sync_ctx = (
+                    self.model.no_sync()  # type: ignore[operator]
+                    if not boundary and self._dist.active
+                    else contextlib.nullcontext()
+                )
+                with sync_ctx:
+                    result = self._forward_backward(batch)
+            if result is None:
+                state.stepped = False
+                return None
             stepped = False
             if boundary:
                 stepped = self._step_optimizers()
-            outputs = {"loss": loss.detach()} if result is loss else result
+            outputs = {"loss": result.detach()} if isinstance(result, torch.Tensor) else result
         state.stepped = stepped
         if stepped:
             state.global_step += 1
@@ -489,6 +484,19 @@ class Loop:
             if state.global_step % self.log_every_n_steps == 0:
                 self._flush_due = True
         return outputs
+
+    def _forward_backward(self, batch: Any) -> Any:
+        """The step function under autocast, then backward; ``None`` skips the batch."""
+        if self._autocast_dtype is None:
+            result = self._default_step(batch) if self.step_fn is None else self.step_fn(self, batch)
+        else:
+            with self._autocast():
+                result = self._default_step(batch) if self.step_fn is None else self.step_fn(self, batch)
+        if result is None:
+            return None
+        loss = result["loss"] if isinstance(result, Mapping) else result
+        self.backward(_checked_loss(loss))
+        return result
 
     def _step_optimizers(self) -> bool:
         stepped = False
