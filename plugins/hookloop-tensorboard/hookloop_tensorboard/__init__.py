@@ -1,0 +1,338 @@
+"""TensorBoard tracker for hookloop, on ``torch.utils.tensorboard.SummaryWriter``.
+
+Register it by name (``plugins=["tensorboard"]`` or ``[("tensorboard", {"log_dir":
+"runs/exp1"})]``) or as an object (``plugins=[TensorBoard("runs/exp1")]``).
+
+Everything the :class:`hookloop.tracking.Tracker` base guarantees holds: writes happen on
+a worker thread behind a bounded queue, a failing backend degrades with one warning and
+never stops training, secrets are masked before they reach the writer, and only rank
+zero writes. The TensorBoard SDK is imported lazily, on the worker thread, when a fit
+starts; the core never imports it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hookloop.plugins import hookimpl
+from hookloop.tracking import Tracker
+
+__all__ = ["INSTALL_HINT", "TensorBoard", "flatten_hparams"]
+
+__version__ = "0.1.0"
+
+INSTALL_HINT = (
+    "the TensorBoard tracker needs the 'tensorboard' package: "
+    "pip install hookloop-tensorboard (or pip install tensorboard)"
+)
+"""The message of the ImportError raised when the TensorBoard SDK is missing."""
+
+_STATUS_TEXT = {"success": "STATUS_SUCCESS", "failed": "STATUS_FAILURE"}
+
+
+def flatten_hparams(params: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """Flatten nested mappings to ``"outer/inner"`` keys and turn every value into a
+    type the TensorBoard hparams plugin accepts (bool, int, float, str; ``None`` and
+    anything else become their ``str``)."""
+    out: dict[str, bool | int | float | str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_hparams(value, f"{name}/"))
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        elif isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[name] = value.item()
+        else:
+            out[name] = str(value)
+    return out
+
+
+def _is_figure(obj: Any) -> bool:
+    return hasattr(obj, "savefig") and hasattr(obj, "canvas")
+
+
+def _render_figure(figure: Any) -> Any:
+    """Render a matplotlib figure to an ``(H, W, 3)`` uint8 array with the Agg canvas."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    return np.ascontiguousarray(rgba[:, :, :3])
+
+
+def _event_stamp(path: Path) -> str | None:
+    """The 10-digit timestamp in an event file name (``events.out.tfevents.<time>...``)."""
+    parts = path.name.split(".")
+    return parts[3] if len(parts) > 3 and parts[3].isdigit() else None
+
+
+class TensorBoard(Tracker):
+    """Write scalars, hyperparameters, text, images, histograms and (optionally) the
+    model graph to TensorBoard event files in ``log_dir``.
+
+    - Scalars from ``on_log`` at the loop's global step; the writer is flushed at every
+      epoch end, at the end of fit and when fit crashes.
+    - Hyperparameters (``loop.hparams`` with secrets masked, nested keys flattened to
+      ``a/b``) once per fit through the hparams plugin; the end of the session is
+      recorded with status success or failure (and as text under
+      ``hookloop/status``).
+    - When a fit resumes (global step > 0), the new event file starts with a purge
+      marker at ``global_step + 1``: events the crashed run wrote after the checkpoint
+      are discarded by TensorBoard, so steps continue with no duplicates.
+    - TensorBoard has no artifacts: the best checkpoint is recorded as text under
+      ``checkpoint/best`` (its path and metrics).
+
+    :param log_dir: directory of the event files (created when needed).
+    :param log_graph: record the model graph, traced (on the training thread, in eval
+        mode) with the first training input, at the first log interval.
+    :param flush_secs: seconds between automatic flushes of the writer.
+    :param max_queue: events the writer buffers before it flushes.
+    :param log_hparams: record the masked hyperparameters at fit start.
+    :param histogram_every_n_epochs: histograms of weights and gradients every N
+        epochs (``None``: off).
+    :param queue_size: see :class:`hookloop.tracking.Tracker`.
+    :param max_failures: see :class:`hookloop.tracking.Tracker`.
+    :param spool_dir: see :class:`hookloop.tracking.Tracker`.
+    :param close_timeout: see :class:`hookloop.tracking.Tracker`.
+    :raises ImportError: with :data:`INSTALL_HINT` when ``tensorboard`` is not installed.
+    """
+
+    hookloop_name = "tensorboard"
+    tracker_name = "tensorboard"
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike[str] = "runs",
+        *,
+        log_graph: bool = False,
+        flush_secs: int = 30,
+        max_queue: int = 100,
+        log_hparams: bool = True,
+        histogram_every_n_epochs: int | None = None,
+        queue_size: int = 10_000,
+        max_failures: int = 3,
+        spool_dir: str | os.PathLike[str] | None = None,
+        close_timeout: float = 30.0,
+    ) -> None:
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ImportError(INSTALL_HINT)
+        super().__init__(
+            log_hparams=log_hparams,
+            histogram_every_n_epochs=histogram_every_n_epochs,
+            queue_size=queue_size,
+            max_failures=max_failures,
+            spool_dir=spool_dir,
+            close_timeout=close_timeout,
+        )
+        self.log_dir = Path(log_dir)
+        self.log_graph = log_graph
+        self.flush_secs = flush_secs
+        self.max_queue = max_queue
+        self._writer: Any = None
+        self._open_error: str | None = None
+        self._last_step = 0
+        self._graph_input: tuple[Any, ...] | None = None
+        self._graph_hook: Any = None
+        self._graph_model: torch.nn.Module | None = None
+        self._graph_pending: Any = None
+
+    # ------------------------------------------------------------ backend (worker thread)
+
+    @property
+    def writer(self) -> Any:
+        """The open ``SummaryWriter`` (``None`` outside a fit or when opening failed)."""
+        return self._writer
+
+    def _require_writer(self) -> Any:
+        if self._writer is None:
+            why = f" (opening failed: {self._open_error})" if self._open_error else ""
+            raise RuntimeError(f"the TensorBoard writer for {str(self.log_dir)!r} is not open{why}")
+        return self._writer
+
+    def _backend_open(self, loop_info: dict[str, Any]) -> None:
+        """Create the ``SummaryWriter``; on resume, with a purge marker after the
+        checkpoint's step."""
+        self._writer = None
+        self._open_error = None
+        try:
+            self._open(loop_info)
+        except Exception as exc:
+            self._open_error = f"{type(exc).__name__}: {exc}"
+            raise
+
+    def _open(self, loop_info: dict[str, Any]) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ImportError(INSTALL_HINT) from exc
+        step = int(loop_info.get("global_step", 0))
+        self._last_step = step
+        purge_step = step + 1 if loop_info.get("resumed") else None
+        if purge_step is not None:
+            self._wait_for_sortable_name()
+        self._writer = SummaryWriter(
+            log_dir=str(self.log_dir),
+            purge_step=purge_step,
+            max_queue=self.max_queue,
+            flush_secs=self.flush_secs,
+        )
+
+    def _wait_for_sortable_name(self) -> None:
+        """TensorBoard reads event files in name order, and names start with the time
+        in whole seconds followed by a process-wide counter; a file created in the same
+        second as an earlier one could sort before it. Wait for the next second then."""
+        if not self.log_dir.is_dir():
+            return
+        stamps = {_event_stamp(p) for p in self.log_dir.glob("events.out.tfevents.*")}
+        while f"{int(time.time()):010d}" in stamps:
+            time.sleep(0.05)
+
+    def _backend_hparams(self, params: dict[str, Any]) -> None:
+        """Write the session start of the hparams plugin (TensorBoard derives the
+        metric columns from the run's scalars)."""
+        from torch.utils.tensorboard.summary import hparams
+
+        writer = self._require_writer()
+        _exp, ssi, _sei = hparams(flatten_hparams(params), {})
+        writer.file_writer.add_summary(ssi, self._last_step)
+
+    def _backend_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """One scalar per metric at ``step``."""
+        writer = self._require_writer()
+        for name, value in metrics.items():
+            writer.add_scalar(name, value, step)
+        self._last_step = max(self._last_step, step)
+
+    def _backend_text(self, name: str, text: str, step: int) -> None:
+        """Text (Markdown) at ``step``."""
+        self._require_writer().add_text(name, text, step)
+        self._last_step = max(self._last_step, step)
+
+    def _backend_image(self, name: str, image: Any, step: int) -> None:
+        """An image: a tensor ``(C, H, W)`` or ``(H, W)`` in [0, 1], or an ``(H, W, 3)``
+        uint8 array (a figure rendered by :meth:`on_log_image`)."""
+        writer = self._require_writer()
+        if _is_figure(image):
+            image = _render_figure(image)
+        if isinstance(image, torch.Tensor):
+            formats = {2: "HW", 3: "CHW"}.get(image.dim())
+            if formats is None:
+                raise ValueError(f"image {name!r}: expected (C, H, W) or (H, W); got {tuple(image.shape)}")
+            writer.add_image(name, image.float(), step, dataformats=formats)
+        else:
+            writer.add_image(name, image, step, dataformats="HWC")
+        self._last_step = max(self._last_step, step)
+
+    def _backend_histogram(self, name: str, values: torch.Tensor, step: int) -> None:
+        """A histogram of ``values`` at ``step``."""
+        self._require_writer().add_histogram(name, values, step)
+
+    def _backend_artifact(self, path: str, metrics: dict[str, float]) -> None:
+        """Record the best checkpoint's path and metrics as text (no artifact store)."""
+        shown = ", ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items()))
+        self._require_writer().add_text("checkpoint/best", f"`{path}` ({shown})", self._last_step)
+
+    def _backend_flush(self) -> None:
+        """Write a traced graph waiting to be written, then flush the event file."""
+        writer = self._require_writer()
+        graph, self._graph_pending = self._graph_pending, None
+        if graph is not None:
+            writer.file_writer.add_graph(graph)
+        writer.flush()
+
+    def _backend_close(self, status: str) -> None:
+        """Record the session's end status and close the event file."""
+        writer, self._writer = self._require_writer(), None
+        try:
+            from tensorboard.plugins.hparams import plugin_data_pb2
+            from tensorboard.plugins.hparams.api_pb2 import Status
+            from tensorboard.plugins.hparams.metadata import (
+                PLUGIN_DATA_VERSION,
+                PLUGIN_NAME,
+                SESSION_END_INFO_TAG,
+            )
+            from torch.utils.tensorboard.summary import Summary, SummaryMetadata
+
+            if self.log_hparams:
+                code = Status.Value(_STATUS_TEXT.get(status, "STATUS_UNKNOWN"))
+                sei = plugin_data_pb2.SessionEndInfo(status=code)
+                content = plugin_data_pb2.HParamsPluginData(session_end_info=sei, version=PLUGIN_DATA_VERSION)
+                meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
+                    plugin_name=PLUGIN_NAME, content=content.SerializeToString()))
+                writer.file_writer.add_summary(
+                    Summary(value=[Summary.Value(tag=SESSION_END_INFO_TAG, metadata=meta)]), self._last_step
+                )
+            writer.add_text("hookloop/status", status, self._last_step)
+        finally:
+            writer.close()
+
+    # ------------------------------------------------------------ hooks (training thread)
+
+    @hookimpl
+    def on_fit_start(self, loop: Any) -> None:
+        """Open the run; with ``log_graph``, catch the first training input."""
+        super().on_fit_start(loop)
+        self._graph_input = None
+        self._graph_pending = None
+        if self.log_graph and self._graph_hook is None:
+            self._graph_model = loop.module
+            self._graph_hook = loop.module.register_forward_pre_hook(self._catch_input)
+
+    def _catch_input(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        self._graph_input = tuple(args)
+        if self._graph_hook is not None:
+            self._graph_hook.remove()
+            self._graph_hook = None
+
+    @hookimpl
+    def on_log(self, metrics: Mapping[str, float], step: int) -> None:
+        """Queue the scalars; with ``log_graph``, trace the graph the first time."""
+        super().on_log(metrics, step)
+        if self._graph_input is not None:
+            self._trace_graph()
+
+    def _trace_graph(self) -> None:
+        args, self._graph_input = self._graph_input, None
+        model, self._graph_model = self._graph_model, None
+        if model is None or args is None:
+            return
+        try:
+            from torch.utils.tensorboard._pytorch_graph import graph
+
+            with torch.no_grad():
+                self._graph_pending = graph(model, args)
+        except Exception as exc:  # a model that does not trace must not stop training
+            self.failed["graph"] += 1
+            self.last_error = f"graph: {type(exc).__name__}: {exc}"
+            return
+        self._put("flush")
+
+    @hookimpl
+    def on_log_image(self, name: str, image: Any, step: int) -> None:
+        """Queue an image; a matplotlib figure is rendered now, on the calling thread,
+        so that later changes to the figure do not race with the writer."""
+        if _is_figure(image):
+            try:
+                image = _render_figure(image)
+            except Exception as exc:
+                self.failed["image"] += 1
+                self.last_error = f"image {name!r}: {type(exc).__name__}: {exc}"
+                return
+        self._put("image", name, image, step)
+
+    def _finish(self, status: str) -> None:
+        if self._graph_hook is not None:
+            self._graph_hook.remove()
+            self._graph_hook = None
+        self._graph_model = self._graph_input = None
+        super()._finish(status)

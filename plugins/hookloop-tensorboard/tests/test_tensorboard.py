@@ -1,0 +1,347 @@
+"""The TensorBoard tracker against the real SummaryWriter, read back with TensorBoard's
+EventAccumulator."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hookloop_tensorboard import INSTALL_HINT, TensorBoard, flatten_hparams
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+from hookloop.plugins import PluginManager, hookimpl
+from hookloop.testing import HookRecorder, tiny_loop
+from hookloop.tracking import MASK
+
+
+def _scalars(acc: Any, tag: str) -> list[tuple[int, float]]:
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def _texts(acc: Any, name: str) -> list[tuple[int, str]]:
+    return [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(f"{name}/text_summary")]
+
+
+def _hparams(acc: Any) -> dict[str, Any]:
+    content = acc.PluginTagToContent("hparams")
+    return {tag: plugin_data_pb2.HParamsPluginData.FromString(raw) for tag, raw in content.items()}
+
+
+def _weights(loop: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in loop.module.state_dict().items()}
+
+
+def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+class Media:
+    """Logs the model summary, a tensor image and a matplotlib figure every epoch."""
+
+    @hookimpl
+    def on_train_epoch_end(self, loop: Any, epoch: int) -> None:
+        from matplotlib.figure import Figure
+
+        loop.log_text("model/summary", f"epoch {epoch}: {loop.module}")
+        loop.log_image("samples/tensor", torch.linspace(0, 1, 3 * 8 * 10).reshape(3, 8, 10))
+        fig = Figure(figsize=(2, 1), dpi=50)
+        fig.add_subplot().plot([0, 1, 2], [epoch, 1, 0])
+        loop.log_image("samples/figure", fig)
+
+
+def test_entry_point_scalars_at_global_steps(tmp_path: Path, read_events: Any) -> None:
+    rec = HookRecorder(["on_log"])
+    loop = tiny_loop([("tensorboard", {"log_dir": tmp_path / "tb"}), rec])
+    assert isinstance(loop.get_plugin("tensorboard"), TensorBoard)
+    loop.fit(max_epochs=2)
+
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for step, metrics in rec.logged():
+        for name, value in metrics.items():
+            expected.setdefault(name, []).append((step, value))
+    assert {"train/loss", "train/loss_epoch", "val/loss", "val/acc"} <= expected.keys()
+    assert [s for s, _ in expected["train/loss"]] == [4, 8, 12, 16]
+
+    acc = read_events(tmp_path / "tb")
+    assert set(expected) <= set(acc.Tags()["scalars"])
+    for name, points in expected.items():
+        got = _scalars(acc, name)
+        assert [s for s, _ in got] == [s for s, _ in points], name
+        assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6), name
+    assert loop.get_plugin("tensorboard").state == "closed"
+
+
+def test_hparams_text_images_histograms_and_status(tmp_path: Path, read_events: Any) -> None:
+    tb = TensorBoard(tmp_path, histogram_every_n_epochs=1)
+    hparams = {"batch_size": 8, "optim": {"momentum": 0.9, "nesterov": False}, "note": None}
+    loop = tiny_loop([Media(), tb], hparams=hparams)
+    loop.fit(max_epochs=2)
+    acc = read_events(tmp_path)
+
+    hp = _hparams(acc)
+    start = hp["_hparams_/session_start_info"].session_start_info.hparams
+    assert start["batch_size"].number_value == 8
+    assert start["optim/momentum"].number_value == pytest.approx(0.9)
+    assert start["optim/nesterov"].bool_value is False
+    assert start["note"].string_value == "None"
+    assert start["optimizer"].string_value == "SGD"
+    assert start["lr"].number_value == pytest.approx(0.1)
+    end = hp["_hparams_/session_end_info"].session_end_info
+    assert end.status == api_pb2.Status.Value("STATUS_SUCCESS")
+    assert _texts(acc, "hookloop/status") == [(16, "success")]
+
+    texts = _texts(acc, "model/summary")
+    assert [s for s, _ in texts] == [8, 16]
+    assert texts[0][1].startswith("epoch 0: Sequential(")
+
+    tensor_images = acc.Images("samples/tensor")
+    assert [(e.step, e.width, e.height) for e in tensor_images] == [(8, 10, 8), (16, 10, 8)]
+    assert tensor_images[0].encoded_image_string.startswith(b"\x89PNG")
+    figures = acc.Images("samples/figure")
+    assert [(e.step, e.width, e.height) for e in figures] == [(8, 100, 50), (16, 100, 50)]
+
+    # gradients are already cleared (set_to_none) when an epoch ends, so the base
+    # tracker has only weights to send at that point
+    for name, p in loop.module.named_parameters():
+        events = acc.Histograms(f"weights/{name}")
+        assert [e.step for e in events] == [8, 16], name
+        assert events[-1].histogram_value.num == p.numel()
+    last = acc.Histograms("weights/0.bias")[-1].histogram_value
+    assert last.min == pytest.approx(loop.module[0].bias.min().item())
+    assert last.max == pytest.approx(loop.module[0].bias.max().item())
+
+
+def test_secrets_are_never_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wandb_key = "wandbkey-5f2c9e1d7a"
+    mlflow_token = "mlflowtok-88c1e2b7"
+    hp_token = "hparam-token-31415926"
+    monkeypatch.setenv("WANDB_API_KEY", wandb_key)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", mlflow_token)
+
+    class Leaky:
+        @hookimpl
+        def on_fit_start(self, loop: Any) -> None:
+            loop.log_text("env", f"key={wandb_key} token={mlflow_token}")
+
+    hparams = {
+        "api_token": hp_token,
+        "db": {"password": "hunter2-hunter2", "host": "db.local"},
+        "tracking_uri": f"https://user:{mlflow_token}@tracker.local",
+        "comment": f"uses {wandb_key}",
+    }
+    tb = TensorBoard(tmp_path / "tb")
+    tiny_loop([Leaky(), tb], hparams=hparams).fit(max_epochs=1)
+
+    blobs = b"".join(p.read_bytes() for p in (tmp_path / "tb").rglob("*") if p.is_file())
+    assert blobs, "nothing was written"
+    for secret in (wandb_key, mlflow_token, hp_token, "hunter2-hunter2"):
+        assert secret.encode() not in blobs, secret
+    assert MASK.encode() in blobs
+    assert b"db.local" in blobs  # non-secret values still arrive
+    assert list(tmp_path.rglob("*.jsonl")) == []
+
+
+def test_log_dir_is_a_file_training_unharmed(tmp_path: Path) -> None:
+    """A real fault: the log directory path is an existing file, so the writer cannot
+    open and every later call fails."""
+    blocker = tmp_path / "runs"
+    blocker.write_text("not a directory")
+    tb = TensorBoard(blocker)
+    with pytest.warns(RuntimeWarning) as caught:
+        loop = tiny_loop([tb])
+        loop.fit(max_epochs=2)
+    messages = [str(w.message) for w in caught]
+    degraded = [m for m in messages if "failed 3 times in a row" in m]
+    assert len(degraded) == 1 and "FileExistsError" in degraded[0]
+    assert "disabled for the rest of the run" in degraded[0]
+    assert tb.state == "disabled"
+    assert tb.recorded == {} and tb.failed["open"] == 1
+    assert "dropped" in tb.report and "metrics=" in tb.report
+    assert blocker.read_text() == "not a directory"
+
+    baseline = tiny_loop([])
+    baseline.fit(max_epochs=2)
+    _assert_identical(_weights(loop), _weights(baseline))
+
+
+def test_log_dir_under_a_file_spools_locally(tmp_path: Path) -> None:
+    """A real fault (the parent of the log directory is a file); with ``spool_dir`` the
+    records after the failures go to a local JSON-lines file."""
+    (tmp_path / "blocker").write_text("x")
+    tb = TensorBoard(tmp_path / "blocker" / "runs", spool_dir=tmp_path / "spool")
+    with pytest.warns(RuntimeWarning) as caught:
+        tiny_loop([tb]).fit(max_epochs=1)
+    assert sum("spooling the rest" in str(w.message) for w in caught) == 1
+    assert "NotADirectoryError" in str(caught[0].message)
+    assert tb.state == "spooling"
+    lines = (tmp_path / "spool" / "tensorboard-spool.jsonl").read_text().splitlines()
+    assert any('"kind": "metrics"' in line for line in lines)
+    assert any('"kind": "close"' in line and "success" in line for line in lines)
+
+
+class DiskFullTensorBoard(TensorBoard):
+    """Fault injected by subclass: the real writer hands events to its own background
+    thread and never raises a disk-full error back to the caller, so a write that
+    fails mid-run cannot be produced from outside. Here every scalar write raises."""
+
+    def _backend_metrics(self, metrics: dict[str, float], step: int) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_backend_failing_mid_run_bit_identical_weights(tmp_path: Path) -> None:
+    tb = DiskFullTensorBoard(tmp_path, max_failures=2)
+    with pytest.warns(RuntimeWarning, match="No space left on device"):
+        loop = tiny_loop([tb])
+        loop.fit(max_epochs=3)
+    assert tb.state == "disabled"
+    assert tb.recorded["open"] == 1 and tb.failed["metrics"] == 2
+    assert "last error: OSError" in tb.report
+    baseline = tiny_loop([])
+    baseline.fit(max_epochs=3)
+    _assert_identical(_weights(loop), _weights(baseline))
+
+
+def test_hanging_backend_does_not_block_training(tmp_path: Path) -> None:
+    """Fault injected by subclass: opening the writer hangs (as a stuck network file
+    system would)."""
+    release = threading.Event()
+
+    class Hanging(TensorBoard):
+        def _backend_open(self, loop_info: dict[str, Any]) -> None:
+            release.wait(30)
+            super()._backend_open(loop_info)
+
+    tb = Hanging(tmp_path, close_timeout=0.2)
+    rec = HookRecorder(["on_log"])
+    try:
+        with pytest.warns(RuntimeWarning, match="did not finish"):
+            loop = tiny_loop([tb, rec])
+            loop.fit(max_epochs=2)
+    finally:
+        release.set()
+    assert [s for s, _ in rec.logged()][-1] == 16
+    assert loop.state.global_step == 16
+
+
+class Snapshot:
+    """Keeps a serialised loop state at the end of the first epoch."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] | None = None
+
+    @hookimpl
+    def on_train_epoch_end(self, loop: Any, epoch: int) -> None:
+        if epoch == 0:
+            buf = io.BytesIO()
+            torch.save(loop.state_dict(), buf)
+            buf.seek(0)
+            self.state = torch.load(buf, weights_only=True)
+
+
+class CrashAt:
+    """Raises once the loop reaches a given global step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @hookimpl
+    def on_train_batch_end(self, loop: Any) -> None:
+        if loop.state.global_step >= self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_crash_is_flushed_marked_failed_and_resume_has_no_duplicates(
+    tmp_path: Path, read_events: Any
+) -> None:
+    log_dir = tmp_path / "tb"
+    snap = Snapshot()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tiny_loop([snap, CrashAt(14), TensorBoard(log_dir)]).fit(max_epochs=3)
+    assert snap.state is not None and snap.state["loop"]["global_step"] == 8
+
+    acc = read_events(log_dir)  # flushed on the crash
+    assert [s for s, _ in _scalars(acc, "train/loss")] == [4, 8, 12]
+    end = _hparams(acc)["_hparams_/session_end_info"].session_end_info
+    assert end.status == api_pb2.Status.Value("STATUS_FAILURE")
+    assert _texts(acc, "hookloop/status") == [(12, "failed")]
+
+    rec = HookRecorder(["on_log"])
+    resumed = tiny_loop([TensorBoard(log_dir), rec])
+    resumed.fit(max_epochs=3, resume=snap.state)
+
+    acc = read_events(log_dir)
+    loss = _scalars(acc, "train/loss")
+    assert [s for s, _ in loss] == [4, 8, 12, 16, 20, 24]
+    run2 = {s: m["train/loss"] for s, m in rec.logged() if "train/loss" in m}
+    assert [v for s, v in loss if s > 8] == pytest.approx([run2[s] for s in (12, 16, 20, 24)], rel=1e-6)
+    assert [s for s, _ in _scalars(acc, "val/loss")] == [8, 16, 24]
+    assert [s for s, _ in _scalars(acc, "train/loss_epoch")] == [8, 16, 24]
+    # the status history (text is not purged by this reader): crashed, then finished
+    assert _texts(acc, "hookloop/status") == [(12, "failed"), (24, "success")]
+
+    # the resumed run is bit-identical to one that never crashed
+    straight = tiny_loop([])
+    straight.fit(max_epochs=3)
+    _assert_identical(_weights(resumed), _weights(straight))
+
+
+def test_model_graph(tmp_path: Path, read_events: Any) -> None:
+    tb = TensorBoard(tmp_path, log_graph=True)
+    loop = tiny_loop([tb])
+    loop.fit(max_epochs=1)
+    graph = read_events(tmp_path).Graph()
+    ops = {n.op for n in graph.node}
+    assert "aten::linear" in ops and "aten::relu" in ops
+    assert tb.failed == {}
+    assert loop.module.training
+
+
+def test_flatten_hparams() -> None:
+    flat = flatten_hparams({"a": {"b": 1, "c": {"d": "x"}}, "e": [1, 2], "f": torch.tensor(2.5)})
+    assert flat == {"a/b": 1, "a/c/d": "x", "e": "[1, 2]", "f": 2.5}
+
+
+def test_rank_zero_only() -> None:
+    tb = TensorBoard()
+    assert tb.hookloop_rank_zero_only is True
+    pm = PluginManager()
+    pm.register(tb)
+    assert "tensorboard" in pm.plan()["on_log"]
+    pm.set_rank(1)
+    assert "tensorboard" not in pm.plan()["on_log"]
+    assert "tensorboard" not in pm.plan()["on_fit_start"]
+
+
+def test_missing_sdk_has_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(ImportError) as info:
+        TensorBoard()
+    assert str(info.value) == INSTALL_HINT and "pip install hookloop-tensorboard" in INSTALL_HINT
+
+
+def test_sdk_imported_lazily() -> None:
+    code = (
+        "import sys, hookloop, hookloop.tracking, hookloop_tensorboard\n"
+        "from hookloop_tensorboard import TensorBoard\n"
+        "TensorBoard()\n"
+        "assert 'tensorboard' not in sys.modules, 'imported eagerly'\n"
+        "assert 'torch.utils.tensorboard' not in sys.modules, 'imported eagerly'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_per_step_hooks_not_implemented() -> None:
+    per_step = ("on_train_batch_start", "on_before_backward", "on_after_backward",
+                "on_before_optimizer_step", "on_train_batch_end")
+    pm = PluginManager()
+    pm.register(TensorBoard(log_graph=True))
+    plan = pm.plan()
+    assert all(plan[h] == [] for h in per_step)
