@@ -62,6 +62,13 @@ def test_compiled_filter_skips_the_plugin_on_other_steps() -> None:
     assert "gradnorm  [every 3 steps, on_error=warn]" in loop.pm.format_plan()
 
 
+def test_the_class_declares_the_hook_for_plugin_listings() -> None:
+    # `hookloop plugins` inspects the entry point's class, not an instance
+    assert [n for n in dir(GradNorm) if n.startswith("on_")] == ["on_before_optimizer_step"]
+    plugin = GradNorm(every_n_steps=7)
+    assert plugin.on_before_optimizer_step is not GradNorm.on_before_optimizer_step
+
+
 def _sync_events(plugins: list[Any]) -> list[tuple[str, int | None, str | None]]:
     loop = tiny_loop(plugins, log_every_n_steps=8)
     with SyncGuard(loop) as guard:

@@ -83,15 +83,22 @@ class GradNorm:
         self.norm_type = float(norm_type)
         self.name = name
 
-        # The frequency depends on an option, so the filtered hook implementation is
-        # made per instance: the loop's compiled call plan then evaluates the filter
-        # inline and does not call into the plugin at all on the other steps.
+        # The frequency depends on an option, so each instance replaces the class's
+        # implementation with one carrying its own filter: the loop's compiled call
+        # plan evaluates it inline and does not call the plugin at all on other steps.
         @hookimpl
         @only(every_n_steps=every_n_steps)
         def on_before_optimizer_step(loop: Loop, optimizer: torch.optim.Optimizer) -> None:
             self.measure(loop, optimizer)
 
-        self.on_before_optimizer_step = on_before_optimizer_step
+        self.on_before_optimizer_step = on_before_optimizer_step  # type: ignore[method-assign]
+
+    @hookimpl
+    def on_before_optimizer_step(self, loop: Loop, optimizer: torch.optim.Optimizer) -> None:
+        """Measure and log the norm. Declared on the class so that ``hookloop plugins``
+        lists the hook; every instance shadows it with a copy filtered by its
+        ``every_n_steps`` (see ``__init__``)."""
+        self.measure(loop, optimizer)
 
     def metric_name(self, loop: Loop, optimizer: torch.optim.Optimizer) -> str:
         """The metric name for ``optimizer``: :attr:`name`, with the optimizer's index
