@@ -1,0 +1,18 @@
+"""Weights & Biases tracker plugin for hookloop.
+
+Register it by name (``Loop(..., plugins=[("wandb", {"project": "demo"})])``) or as an
+object (``Loop(..., plugins=[WandB(project="demo")])``). Everything the core's
+:class:`hookloop.tracking.Tracker` guarantees holds: calls to the SDK run on a worker
+thread through a bounded queue, a failing backend never stops training, secrets are
+masked, and the run is finished with exit code 0 or 1.
+
+The ``wandb`` SDK is imported lazily, on the worker thread, the first time a run opens.
+"""
+
+from __future__ import annotations
+
+from hookloop_wandb.offline import OfflineRun, read_offline_run, read_records
+from hookloop_wandb.tracker import WandB
+
+__all__ = ["OfflineRun", "WandB", "read_offline_run", "read_records"]
+__version__ = "0.1.0"

@@ -1,0 +1,307 @@
+"""The :class:`WandB` tracker: hookloop's hooks recorded in a Weights & Biases run."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import secrets
+import string
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hookloop.plugins import hookimpl
+from hookloop.tracking import Tracker, mask_secrets, mask_text
+
+__all__ = ["INSTALL_HINT", "WATCH_MODES", "WandB"]
+
+log = logging.getLogger("hookloop.wandb")
+
+INSTALL_HINT = (
+    "the hookloop 'wandb' plugin needs the Weights & Biases SDK: pip install wandb "
+    "(or pip install hookloop-wandb, which depends on it)"
+)
+WATCH_MODES = ("gradients", "parameters", "all")
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def _import_wandb() -> Any:
+    try:
+        import wandb
+    except ImportError as exc:
+        raise ImportError(INSTALL_HINT) from exc
+    return wandb
+
+
+def _sdk_installed() -> bool:
+    try:
+        return importlib.util.find_spec("wandb") is not None
+    except (ImportError, ValueError, AttributeError):  # a None or broken sys.modules entry
+        return False
+
+
+def _new_run_id() -> str:
+    # `secrets` draws from the OS: the training RNG streams are left untouched
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))
+
+
+def _image_array(image: torch.Tensor) -> Any:
+    """A CHW (or HW) tensor in [0, 1] as an HWC uint8 array."""
+    img = image.detach().float().cpu()
+    if img.ndim == 2:
+        img = img.unsqueeze(0)
+    if img.ndim != 3:
+        raise ValueError(f"expected an image tensor (C, H, W); got shape {tuple(img.shape)}")
+    img = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+    if img.shape[2] == 1:
+        img = img[:, :, 0]
+    return img.numpy()
+
+
+class WandB(Tracker):
+    """Record a fit in a Weights & Biases run.
+
+    Scalars go to ``run.log`` at the loop's global step (one step counter shared by
+    every tracker and kept across resume); the loop configuration plus ``config`` go to
+    the run config once at fit start, with secrets masked; text (a Table with the step
+    and the text), images, histograms (``histogram_every_n_epochs``) and the best
+    checkpoint (a ``model`` artifact named ``model-<run id>``, aliases ``best`` and
+    ``latest``) are recorded too. The run finishes with exit code 0 when fit ends and 1
+    when it crashes.
+
+    The run id is part of the plugin's checkpoint state: resuming a fit from a
+    checkpoint continues the same run (``resume="allow"``), and records at steps the
+    resumed run already holds are dropped and counted instead of making W&B warn about
+    steps that go back.
+
+    :param project: W&B project (default: ``WANDB_PROJECT``, else ``"hookloop"``).
+    :param entity: team or user (default: the account's default).
+    :param name: display name of the run.
+    :param id: run id to create or continue (default: a new random id per fit, or the
+        id from the resumed checkpoint).
+    :param config: extra config recorded with the loop's (secrets masked).
+    :param mode: ``"online"``, ``"offline"`` or ``"disabled"``; ``None`` lets W&B read
+        ``WANDB_MODE`` from the environment.
+    :param dir: where W&B writes its run folder (default: ``WANDB_DIR``, else the
+        working directory).
+    :param tags: run tags.
+    :param group: run group.
+    :param job_type: run job type.
+    :param notes: run notes.
+    :param watch: ``"gradients"``, ``"parameters"`` or ``"all"`` to call ``run.watch``
+        on the model (off by default: its module hooks run on the training thread and
+        read tensors on every ``watch_log_freq``-th step; the sync-free alternative is
+        ``histogram_every_n_epochs``).
+    :param watch_log_freq: batches between two ``watch`` records.
+    :param log_checkpoints: upload the best checkpoint as an artifact when the
+        checkpoint plugin announces one.
+    :param settings: a ``wandb.Settings`` or a dict of settings for ``wandb.init``.
+    :param init_kwargs: any other ``wandb.init`` arguments.
+    :param tracker_options: options of :class:`hookloop.tracking.Tracker`
+        (``log_hparams``, ``histogram_every_n_epochs``, ``queue_size``,
+        ``max_failures``, ``spool_dir``, ``close_timeout``).
+    """
+
+    tracker_name = "wandb"
+    hookloop_name = "wandb"
+
+    def __init__(
+        self,
+        project: str | None = None,
+        *,
+        entity: str | None = None,
+        name: str | None = None,
+        id: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        mode: str | None = None,
+        dir: str | os.PathLike[str] | None = None,
+        tags: Sequence[str] | None = None,
+        group: str | None = None,
+        job_type: str | None = None,
+        notes: str | None = None,
+        watch: str | None = None,
+        watch_log_freq: int = 100,
+        log_checkpoints: bool = True,
+        settings: Any = None,
+        init_kwargs: Mapping[str, Any] | None = None,
+        **tracker_options: Any,
+    ) -> None:
+        if not _sdk_installed():
+            raise ImportError(INSTALL_HINT)
+        if mode is not None and mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"mode={mode!r}; expected 'online', 'offline', 'disabled' or None")
+        if watch is not None and watch not in WATCH_MODES:
+            raise ValueError(f"watch={watch!r}; expected one of {WATCH_MODES} or None")
+        if watch_log_freq <= 0:
+            raise ValueError(f"watch_log_freq={watch_log_freq!r}; expected > 0")
+        super().__init__(**tracker_options)
+        self.project = project
+        self.entity = entity
+        self.name = name
+        self.run_id = id
+        self.config = dict(config or {})
+        self.mode = mode
+        self.dir = Path(dir) if dir is not None else None
+        self.tags = list(tags) if tags is not None else None
+        self.group = group
+        self.job_type = job_type
+        self.notes = notes
+        self.watch = watch
+        self.watch_log_freq = watch_log_freq
+        self.log_checkpoints = log_checkpoints
+        self.settings = settings
+        self.init_kwargs = dict(init_kwargs or {})
+        self._fixed_id = id
+        self._resume_id: str | None = None
+        self._resuming = False
+        self._run: Any = None
+        self._wandb: Any = None
+        self._module: torch.nn.Module | None = None
+        self._open_error: str | None = None
+        self._first_step = 0
+        self.run_dir: Path | None = None
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run id (and where it lives), saved in loop checkpoints so that a resume
+        continues the same run."""
+        return {"run_id": self.run_id, "project": self.project, "entity": self.entity}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the run saved by :meth:`state_dict` at the next fit start."""
+        run_id = state.get("run_id")
+        if run_id:
+            self._resume_id = str(run_id)
+        for key in ("project", "entity"):
+            if getattr(self, key) is None and state.get(key):
+                setattr(self, key, state[key])
+
+    # ------------------------------------------------------------ hooks
+
+    @hookimpl
+    def on_fit_start(self, loop: Any) -> None:
+        """Choose the run id (resumed, given or new), then open the run on the worker."""
+        self._resuming = self._resume_id is not None
+        self.run_id = self._resume_id or self._fixed_id or _new_run_id()
+        self._resume_id = None
+        self._module = loop.module if self.watch else None
+        super().on_fit_start(loop)
+
+    @hookimpl
+    def on_checkpoint_saved(self, path: str, metrics: Mapping[str, float], is_best: bool) -> None:
+        """Queue the best checkpoint as an artifact (when ``log_checkpoints``)."""
+        if self.log_checkpoints:
+            super().on_checkpoint_saved(path, metrics, is_best)
+
+    # ------------------------------------------------------------ backend
+
+    def _require_run(self) -> Any:
+        if self._run is None:
+            why = f" ({self._open_error})" if self._open_error else ""
+            raise RuntimeError(f"the wandb run is not open{why}")
+        return self._run
+
+    def _backend_open(self, loop_info: dict[str, Any]) -> None:
+        wandb = self._wandb = _import_wandb()
+        self._run = None
+        self._open_error = None
+        kwargs: dict[str, Any] = {
+            "project": self.project or os.environ.get("WANDB_PROJECT") or "hookloop",
+            "entity": self.entity,
+            "name": self.name,
+            "id": self.run_id,
+            "config": mask_secrets(self.config),
+            # read at every fit start: the SDK caches its environment per process
+            "mode": self.mode or os.environ.get("WANDB_MODE") or None,
+            "tags": self.tags,
+            "group": self.group,
+            "job_type": self.job_type,
+            "notes": self.notes,
+            "resume": "allow" if self._resuming or self._fixed_id else None,
+            "reinit": "create_new",
+        }
+        folder = self.dir if self.dir is not None else os.environ.get("WANDB_DIR")
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            kwargs["dir"] = str(folder)
+        if self.settings is not None:
+            kwargs["settings"] = (
+                wandb.Settings(**self.settings) if isinstance(self.settings, Mapping) else self.settings
+            )
+        kwargs.update(self.init_kwargs)
+        try:
+            run = wandb.init(**{k: v for k, v in kwargs.items() if v is not None})
+        except Exception as exc:
+            self._open_error = f"{type(exc).__name__}: {mask_text(str(exc))}"
+            raise
+        self._run = run
+        self.run_id = run.id
+        self.run_dir = Path(run.dir).parent if getattr(run, "dir", None) else None
+        # a resumed online run already holds rows up to run.step - 1: skip those
+        # steps rather than having W&B warn about (and drop) steps that go back
+        self._first_step = int(getattr(run, "step", 0) or 0)
+        if self._module is not None:
+            run.watch(self._module, log=self.watch, log_freq=self.watch_log_freq)
+
+    def _backend_hparams(self, params: dict[str, Any]) -> None:
+        self._require_run().config.update(params, allow_val_change=True)
+
+    def _log(self, kind: str, data: dict[str, Any], step: int) -> None:
+        run = self._require_run()
+        if step < self._first_step:
+            self.dropped[f"{kind}_before_resumed_step"] += 1
+            return
+        run.log(data, step=step)
+
+    def _backend_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._log("metrics", metrics, step)
+
+    def _backend_text(self, name: str, text: str, step: int) -> None:
+        table = self._wandb.Table(columns=["step", "text"], data=[[step, text]])
+        self._log("text", {name: table}, step)
+
+    def _backend_image(self, name: str, image: Any, step: int) -> None:
+        wandb = self._wandb
+        data = _image_array(image) if isinstance(image, torch.Tensor) else image
+        self._log("image", {name: wandb.Image(data)}, step)
+
+    def _backend_histogram(self, name: str, values: torch.Tensor, step: int) -> None:
+        flat = values.detach().float().flatten()
+        flat = flat[torch.isfinite(flat)]
+        if flat.numel() == 0:
+            flat = torch.zeros(1)
+        counts, edges = torch.histogram(flat, bins=64)
+        hist = self._wandb.Histogram(np_histogram=(counts.tolist(), edges.tolist()))
+        self._log("histogram", {name: hist}, step)
+
+    def _backend_artifact(self, path: str, metrics: dict[str, float]) -> None:
+        run = self._require_run()
+        wandb = self._wandb
+        source = Path(path)
+        artifact = wandb.Artifact(
+            f"model-{run.id}", type="model",
+            metadata={"checkpoint": source.name, **mask_secrets(metrics)},
+        )
+        if source.is_dir():
+            artifact.add_dir(str(source))
+        else:
+            artifact.add_file(str(source))
+        run.log_artifact(artifact, aliases=["best", "latest"])
+
+    def _backend_close(self, status: str) -> None:
+        run = self._require_run()
+        self._run = None
+        run.finish(exit_code=0 if status == "success" else 1)
+
+    def summary(self) -> str:
+        """What was and was not recorded during the last fit, and where the run is."""
+        text = super().summary()
+        if self.run_id:
+            text += f"; run id {self.run_id}"
+        if self.run_dir is not None:
+            text += f" ({self.run_dir})"
+        return text
