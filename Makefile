@@ -7,16 +7,17 @@ PIP := $(PY) -m pip
 # a multi-GB CUDA build. GPU users: make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
 TORCH_SPEC ?= torch==2.13.0
 PLUGINS := $(sort $(wildcard plugins/*/pyproject.toml))
+EXAMPLES := $(sort $(wildcard examples/*/pyproject.toml))
 STAMP := $(VENV)/.hookloop-installed
 
 .PHONY: setup demo test test-slow bench lint clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml $(PLUGINS) Makefile
+$(STAMP): pyproject.toml $(PLUGINS) $(EXAMPLES) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PIP) install -q --disable-pip-version-check -e ".[test,demo]" $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	$(PIP) install -q --disable-pip-version-check -e ".[test,demo]" $(foreach p,$(PLUGINS) $(EXAMPLES),-e $(dir $(p)))
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,10 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -m "not slow" tests $(foreach p,$(PLUGINS),$(dir $(p))tests)
+	$(PY) -m pytest -q -m "not slow" tests $(foreach p,$(PLUGINS) $(EXAMPLES),$(dir $(p))tests)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow tests $(foreach p,$(PLUGINS),$(dir $(p))tests)
+	$(PY) -m pytest -q -m slow tests $(foreach p,$(PLUGINS) $(EXAMPLES),$(dir $(p))tests)
 
 bench: $(STAMP)
 	$(PIP) install -q --disable-pip-version-check -e ".[bench]"

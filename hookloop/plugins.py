@@ -40,6 +40,11 @@ class PluginError(Exception):
     """A plugin could not be registered, found or loaded; the message names it."""
 
 
+def _env_flag(name: str) -> bool:
+    """An on/off environment switch: unset, empty and ``0`` mean off."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
 def _env_list(name: str) -> list[str] | None:
     value = os.environ.get(name)
     if value is None:
@@ -173,7 +178,7 @@ class PluginManager(pluggy.PluginManager):
         self.rank = 0
         self._policies: dict[str, _Policy] = {}
         self._once: dict[tuple[str, str], list[bool]] = {}
-        self._trace = bool(os.environ.get("HOOKLOOP_TRACE"))
+        self._trace = _env_flag("HOOKLOOP_TRACE")
         self._plan: dict[str, list[PlanEntry]] = {}
 
     # -- registration ------------------------------------------------------------
@@ -235,11 +240,13 @@ class PluginManager(pluggy.PluginManager):
         self._policies[registered] = _Policy(registered, mode, limit)
         try:
             self.recompile()
-        except PluginError:
+        except (PluginError, TypeError) as exc:  # leave nothing half-registered
             super().unregister(name=registered)
             del self._policies[registered]
             self.recompile()
-            raise
+            if isinstance(exc, PluginError):
+                raise
+            raise PluginError(f"plugin {registered!r}: {exc}") from exc
         return registered
 
     def _unknown_hooks(self, plugin: Any) -> list[str]:
@@ -296,7 +303,7 @@ class PluginManager(pluggy.PluginManager):
     def load_autoload_plugins(self) -> list[str]:
         """Register every installed always-on plugin (module or instance entry points),
         unless ``HOOKLOOP_DISABLE_PLUGIN_AUTOLOAD`` is set. Returns the names."""
-        if os.environ.get("HOOKLOOP_DISABLE_PLUGIN_AUTOLOAD"):
+        if _env_flag("HOOKLOOP_DISABLE_PLUGIN_AUTOLOAD"):
             return []
         names = []
         for name, entry in available_plugins().items():
@@ -320,7 +327,7 @@ class PluginManager(pluggy.PluginManager):
         caller = getattr(self.hook, hook_name)
         impls = list(reversed(caller.get_hookimpls()))  # pluggy's call order
         # wrappers first as pluggy runs them; keep relative order
-        impls = _declared_order(impls, self._name2plugin)
+        impls = _declared_order(impls)
         entries = []
         for impl in impls:
             plugin = impl.plugin
@@ -467,10 +474,17 @@ def _default_name(plugin: Any) -> str:
     return type(plugin).__name__ if not inspect.isclass(plugin) else plugin.__name__
 
 
-def _declared_order(impls: list[Any], name2plugin: Mapping[str, Any]) -> list[Any]:
+def _declared_order(impls: list[Any]) -> list[Any]:
     """Reorder implementations so that ``hookloop_after``/``hookloop_before`` hold,
     keeping pluggy's order wherever no declaration says otherwise (stable Kahn sort).
     Wrappers keep their place ahead of plain implementations."""
+    # wrappers keep pluggy's place around the plain implementations
+    wrappers = [i for i in impls if i.wrapper or i.hookwrapper]
+    plain = [i for i in impls if not (i.wrapper or i.hookwrapper)]
+    return [*_stable_topo_sort(wrappers), *_stable_topo_sort(plain)]
+
+
+def _stable_topo_sort(impls: list[Any]) -> list[Any]:
     names = [i.plugin_name for i in impls]
     if not any(
         getattr(i.plugin, "hookloop_after", None) or getattr(i.plugin, "hookloop_before", None)

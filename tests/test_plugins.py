@@ -254,3 +254,56 @@ def test_trace_prints_each_call() -> None:
                          timeout=120, check=True)
     assert "[hookloop] on_fit_start -> HookRecorder" in res.stderr
     assert "[hookloop] on_train_batch_end -> HookRecorder" in res.stderr
+
+
+def test_failed_compilation_leaves_nothing_registered() -> None:
+    from hookloop import only
+
+    class NoLoopArg:
+        @only(every_n_steps=2)
+        def on_log(self, metrics):
+            pass
+
+    class Wrap:
+        @hookimpl(wrapper=True)
+        def on_log(self):
+            return (yield)
+
+    pm = PluginManager()
+    pm.register(Wrap())
+    with pytest.raises(PluginError, match=r"'NoLoopArg'.*needs the 'loop' argument"):
+        pm.register(NoLoopArg())
+    assert pm.get_plugin("NoLoopArg") is None
+    assert pm.plan()["on_log"] == ["Wrap"]
+
+
+def test_declared_order_keeps_wrappers_around_plain_impls() -> None:
+    calls = []
+
+    class W:
+        hookloop_after = ("p",)
+
+        @hookimpl(wrapper=True)
+        def on_fit_start(self):
+            calls.append("w-before")
+            result = yield
+            calls.append("w-after")
+            return result
+
+    class P:
+        def on_fit_start(self):
+            calls.append("p")
+
+    pm = PluginManager()
+    pm.register(W(), "w")
+    pm.register(P(), "p")
+    pm.hooks.on_fit_start(None)
+    assert calls == ["w-before", "p", "w-after"]
+
+
+@pytest.mark.parametrize("value", ["0", "", "false"])
+def test_switch_values_that_mean_off(value: str, monkeypatch: pytest.MonkeyPatch, fake_dist: Path) -> None:
+    monkeypatch.setenv("HOOKLOOP_DISABLE_PLUGIN_AUTOLOAD", value)
+    with pytest.warns(RuntimeWarning, match="fake_broken"):
+        loop = Loop(tiny_model(), None, None)
+    assert loop.get_plugin("fake_always") is not None
