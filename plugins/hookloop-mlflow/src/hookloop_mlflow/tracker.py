@@ -1,0 +1,359 @@
+"""The :class:`MLflow` tracker: hookloop's hooks recorded in an MLflow run."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hookloop.plugins import hookimpl
+from hookloop.tracking import Tracker, mask_secrets, mask_text
+
+__all__ = ["INSTALL_HINT", "MLflow"]
+
+log = logging.getLogger("hookloop.mlflow")
+
+INSTALL_HINT = (
+    "the hookloop 'mlflow' plugin needs MLflow: pip install mlflow "
+    "(or pip install hookloop-mlflow, which depends on it)"
+)
+_BAD_KEY_CHARS = re.compile(r"[^\w\-. :/]")
+_MAX_PARAM_VALUE = 6000
+_MAX_TAG_VALUE = 5000
+_PARAMS_PER_BATCH = 100
+_METRICS_PER_BATCH = 1000
+_STATUS = {"success": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+
+
+def _import_mlflow() -> Any:
+    try:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+    except ImportError as exc:
+        raise ImportError(INSTALL_HINT) from exc
+    return mlflow, MlflowClient
+
+
+def _sdk_installed() -> bool:
+    try:
+        return importlib.util.find_spec("mlflow") is not None
+    except (ImportError, ValueError, AttributeError):  # a None or broken sys.modules entry
+        return False
+
+
+def _key(name: str) -> str:
+    """A metric/param/tag key MLflow accepts: characters outside ``[\\w-. :/]``
+    become ``_``; no leading ``/``, no ``..``."""
+    key = _BAD_KEY_CHARS.sub("_", str(name)).lstrip("/")
+    while ".." in key:
+        key = key.replace("..", "._")
+    return key or "_"
+
+
+def _safe_uri(uri: str) -> str:
+    """``uri`` without credentials (``user:password@``) and secret values."""
+    return mask_text(re.sub(r"//[^/@]*@", "//", uri))
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{name}/"))
+        else:
+            out[name] = v
+    return out
+
+
+def _artifact_name(name: str) -> str:
+    return "/".join(_key(part) for part in str(name).split("/") if part not in ("", ".", ".."))
+
+
+def _image_array(image: torch.Tensor) -> Any:
+    """A CHW (or HW) tensor in [0, 1] as an HWC (or HW) uint8 array."""
+    img = image.detach().float().cpu()
+    if img.ndim == 2:
+        img = img.unsqueeze(0)
+    if img.ndim != 3:
+        raise ValueError(f"expected an image tensor (C, H, W); got shape {tuple(img.shape)}")
+    img = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+    if img.shape[2] == 1:
+        img = img[:, :, 0]
+    return img.numpy()
+
+
+class MLflow(Tracker):
+    """Record a fit in an MLflow run.
+
+    - params: the loop configuration, ``loop.hparams`` and ``params``, flattened
+      (``a/b`` for nested dicts), secrets masked, logged once at fit start with
+      ``log_batch``;
+    - metrics: every ``on_log`` at the loop's global step (``log_batch``);
+    - tags: ``tags`` (secrets masked), plus ``hookloop.best_checkpoint`` once one is
+      uploaded;
+    - artifacts: text (``text/<name>/step-<n>.txt``, e.g. the model summary), images
+      (``images/<name>/step-<n>.png``), histograms (``histograms/<name>/step-<n>.json``,
+      counts and bin edges), the best checkpoint under ``checkpoints/`` when the
+      checkpoint plugin announces one, and this tracker's end-of-fit summary
+      (``hookloop/tracking-summary.txt``);
+    - status: ``FINISHED`` when fit ends, ``FAILED`` when it raises, ``KILLED`` on
+      ``KeyboardInterrupt``; a crash never leaves the run ``RUNNING`` (unless the
+      tracking server itself is unreachable by then, which the summary reports).
+
+    The run id is part of the plugin's checkpoint state: resuming a fit continues the
+    same run; params that already hold a different value (e.g. ``max_epochs``) are
+    left as they are, as MLflow forbids changing them.
+
+    HTTP tracking servers: MLflow retries a failed request up to
+    ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` times with back-off and waits
+    ``MLFLOW_HTTP_REQUEST_TIMEOUT`` seconds per request; while it does, only the
+    worker thread waits, and ``close_timeout`` bounds how long the end of fit waits.
+
+    :param tracking_uri: where to record (``http://...``, ``sqlite:///...``,
+        ``databricks``, ...); default ``MLFLOW_TRACKING_URI``, else a SQLite store
+        ``sqlite:///<save_dir>/mlflow.db`` with artifacts in ``<save_dir>/artifacts``.
+    :param experiment: experiment name (created when missing).
+    :param run_name: run name (MLflow picks one when ``None``).
+    :param run_id: an existing run to continue (default: a new run per fit, or the
+        run from the resumed checkpoint).
+    :param tags: run tags.
+    :param params: extra params recorded with the loop's.
+    :param save_dir: folder of the default SQLite store and its artifacts.
+    :param artifact_location: artifact location of a newly created experiment
+        (default: ``<save_dir>/artifacts`` for the default store, else the server's).
+    :param log_checkpoints: upload the best checkpoint as an artifact.
+    :param tracker_options: options of :class:`hookloop.tracking.Tracker`
+        (``log_hparams``, ``histogram_every_n_epochs``, ``queue_size``,
+        ``max_failures``, ``spool_dir``, ``close_timeout``).
+    """
+
+    tracker_name = "mlflow"
+    hookloop_name = "mlflow"
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        *,
+        experiment: str = "hookloop",
+        run_name: str | None = None,
+        run_id: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+        save_dir: str | os.PathLike[str] = "mlruns",
+        artifact_location: str | None = None,
+        log_checkpoints: bool = True,
+        **tracker_options: Any,
+    ) -> None:
+        if not _sdk_installed():
+            raise ImportError(INSTALL_HINT)
+        if not experiment:
+            raise ValueError("experiment must be a non-empty name")
+        super().__init__(**tracker_options)
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.run_name = run_name
+        self.run_id = run_id
+        self.tags = dict(tags or {})
+        self.params = dict(params or {})
+        self.save_dir = Path(save_dir)
+        self.artifact_location = artifact_location
+        self.log_checkpoints = log_checkpoints
+        self._fixed_id = run_id
+        self._resume_id: str | None = None
+        self._client: Any = None
+        self._entities: Any = None
+        self._open_error: str | None = None
+        self._status_override: str | None = None
+        self._existing_params: dict[str, str] = {}
+        self.experiment_id: str | None = None
+        self.resolved_uri: str | None = None
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run id and tracking URI, saved in loop checkpoints so that a resume
+        continues the same run."""
+        uri = _safe_uri(self.resolved_uri) if self.resolved_uri else None
+        return {"run_id": self.run_id, "tracking_uri": uri, "experiment": self.experiment}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the run saved by :meth:`state_dict` at the next fit start."""
+        if state.get("run_id"):
+            self._resume_id = str(state["run_id"])
+        if self.tracking_uri is None and state.get("tracking_uri"):
+            self.tracking_uri = str(state["tracking_uri"])
+
+    # ------------------------------------------------------------ hooks
+
+    def _uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        if env:
+            return env
+        return f"sqlite:///{self.save_dir.resolve().as_posix()}/mlflow.db"
+
+    @hookimpl
+    def on_fit_start(self, loop: Any) -> None:
+        """Choose the run (resumed, given or new), then open it on the worker."""
+        self.run_id = self._resume_id or self._fixed_id
+        self._resume_id = None
+        self._status_override = None
+        self.resolved_uri = self._uri()
+        super().on_fit_start(loop)
+
+    @hookimpl
+    def on_checkpoint_saved(self, path: str, metrics: Mapping[str, float], is_best: bool) -> None:
+        """Queue the best checkpoint as an artifact (when ``log_checkpoints``)."""
+        if self.log_checkpoints:
+            super().on_checkpoint_saved(path, metrics, is_best)
+
+    @hookimpl
+    def on_exception(self, exception: BaseException) -> None:
+        """Mark the run ``FAILED`` (``KILLED`` for a KeyboardInterrupt)."""
+        if isinstance(exception, KeyboardInterrupt):
+            self._status_override = "killed"
+        super().on_exception()
+
+    # ------------------------------------------------------------ backend
+
+    def _require_run(self) -> tuple[Any, str]:
+        if self._client is None or self.run_id is None:
+            why = f" ({self._open_error})" if self._open_error else ""
+            raise RuntimeError(f"the MLflow run is not open{why}")
+        return self._client, self.run_id
+
+    def _backend_open(self, loop_info: dict[str, Any]) -> None:
+        self._client = None
+        self._open_error = None
+        try:
+            self._open(loop_info)
+        except Exception as exc:
+            self._open_error = f"{type(exc).__name__}: {mask_text(str(exc))[:500]}"
+            raise
+
+    def _open(self, loop_info: dict[str, Any]) -> None:
+        _, client_cls = _import_mlflow()
+        from mlflow import entities
+
+        self._entities = entities
+        uri = self.resolved_uri or self._uri()
+        default_store = uri.startswith("sqlite:///") and not self.tracking_uri and (
+            not os.environ.get("MLFLOW_TRACKING_URI")
+        )
+        if default_store:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+        client = client_cls(tracking_uri=uri)
+        tags = {_key(k): str(v)[:_MAX_TAG_VALUE] for k, v in mask_secrets(self.tags).items()}
+        if self.run_id is not None:
+            run = client.get_run(self.run_id)
+            self.experiment_id = run.info.experiment_id
+            if run.info.status != "RUNNING":
+                client.update_run(self.run_id, status="RUNNING")
+            if tags:
+                client.log_batch(self.run_id, tags=[entities.RunTag(k, v) for k, v in tags.items()])
+        else:
+            self.experiment_id = self._experiment_id(client, default_store)
+            tags.setdefault("hookloop.world_size", str(loop_info.get("world_size", 1)))
+            run = client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
+            self.run_id = run.info.run_id
+        self._client = client
+        self._existing_params = dict(run.data.params)
+
+    def _experiment_id(self, client: Any, default_store: bool) -> str:
+        found = client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                client.restore_experiment(found.experiment_id)
+            return str(found.experiment_id)
+        location = self.artifact_location
+        if location is None and default_store:
+            location = (self.save_dir / "artifacts").resolve().as_uri()
+        try:
+            return str(client.create_experiment(self.experiment, artifact_location=location))
+        except Exception:  # created concurrently by another process
+            found = client.get_experiment_by_name(self.experiment)
+            if found is None:
+                raise
+            return str(found.experiment_id)
+
+    def _backend_hparams(self, params: dict[str, Any]) -> None:
+        client, run_id = self._require_run()
+        merged = _flatten({**mask_secrets(self.params), **params})
+        Param = self._entities.Param
+        batch = []
+        for name, value in merged.items():
+            key, text = _key(name), str(value)[:_MAX_PARAM_VALUE]
+            old = self._existing_params.get(key)
+            if old is not None and old != text:
+                log.info("hookloop mlflow: param %r stays %r in the resumed run (now %r)",
+                         key, old, text)
+                continue
+            batch.append(Param(key, text))
+        for i in range(0, len(batch), _PARAMS_PER_BATCH):
+            client.log_batch(run_id, params=batch[i : i + _PARAMS_PER_BATCH])
+        self._existing_params.update({p.key: p.value for p in batch})
+
+    def _backend_metrics(self, metrics: dict[str, float], step: int) -> None:
+        client, run_id = self._require_run()
+        Metric = self._entities.Metric
+        now = int(time.time() * 1000)
+        batch = [Metric(_key(k), float(v), now, int(step)) for k, v in metrics.items()]
+        for i in range(0, len(batch), _METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=batch[i : i + _METRICS_PER_BATCH])
+
+    def _backend_text(self, name: str, text: str, step: int) -> None:
+        client, run_id = self._require_run()
+        client.log_text(run_id, text, f"text/{_artifact_name(name)}/step-{step:08d}.txt")
+
+    def _backend_image(self, name: str, image: Any, step: int) -> None:
+        client, run_id = self._require_run()
+        path = f"images/{_artifact_name(name)}/step-{step:08d}.png"
+        if isinstance(image, torch.Tensor):
+            client.log_image(run_id, _image_array(image), artifact_file=path)
+        else:
+            client.log_figure(run_id, image, path)
+
+    def _backend_histogram(self, name: str, values: torch.Tensor, step: int) -> None:
+        client, run_id = self._require_run()
+        flat = values.detach().float().flatten()
+        finite = flat[torch.isfinite(flat)]
+        if finite.numel() == 0:
+            finite = torch.zeros(1)
+        counts, edges = torch.histogram(finite, bins=64)
+        data = {"name": name, "step": step, "counts": counts.tolist(), "edges": edges.tolist(),
+                "non_finite": int(flat.numel() - finite.numel())}
+        client.log_dict(run_id, data, f"histograms/{_artifact_name(name)}/step-{step:08d}.json")
+
+    def _backend_artifact(self, path: str, metrics: dict[str, float]) -> None:
+        client, run_id = self._require_run()
+        source = Path(path)
+        if source.is_dir():
+            client.log_artifacts(run_id, str(source), f"checkpoints/{_key(source.name)}")
+        else:
+            client.log_artifact(run_id, str(source), "checkpoints")
+        client.set_tag(run_id, "hookloop.best_checkpoint", f"checkpoints/{source.name}")
+
+    def _backend_close(self, status: str) -> None:
+        client, run_id = self._require_run()
+        final = _STATUS[self._status_override or status]
+        try:
+            client.log_text(run_id, self.summary(), "hookloop/tracking-summary.txt")
+        finally:
+            self._client = None
+            client.set_terminated(run_id, status=final)
+
+    def summary(self) -> str:
+        """What was and was not recorded during the last fit, and which run."""
+        text = super().summary()
+        if self.run_id:
+            text += f"; run {self.run_id} at {_safe_uri(self.resolved_uri or '')}"
+        return text

@@ -1,0 +1,273 @@
+"""The MLflow tracker against real MLflow stores (SQLite, and `mlflow server` over
+HTTP), read back with MlflowClient (no mock of mlflow anywhere)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hookloop_mlflow import MLflow
+from hookloop_mlflow.tracker import INSTALL_HINT, _import_mlflow, _key
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from hookloop.plugins import hookimpl
+from hookloop.testing import SyncGuard, run_plugin, tiny_loop
+
+
+class MediaAndCheckpoints:
+    """Logs text and an image in the first epoch and, like the checkpoint plugin,
+    saves the model at every epoch end and announces it as the best so far."""
+
+    def __init__(self, folder: Path, text: str) -> None:
+        self.folder = folder
+        self.text = text
+
+    @hookimpl
+    def on_train_epoch_start(self, loop: Any, epoch: int) -> None:
+        if epoch == 0:
+            loop.log_text("model/summary", self.text)
+            gen = torch.Generator().manual_seed(1)
+            loop.log_image("samples/grid", torch.rand(3, 8, 8, generator=gen))
+
+    @hookimpl
+    def on_train_epoch_end(self, loop: Any, epoch: int, metrics: Any) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"epoch-{epoch}.pt"
+        torch.save({"model": loop.module.state_dict()}, path)
+        loop.hooks.on_checkpoint_saved(loop, str(path), dict(metrics), True)
+
+
+def experiment_name() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def expected_history(logged: list[tuple[int, dict[str, float]]]) -> dict[str, list[tuple[int, float]]]:
+    out: dict[str, list[tuple[int, float]]] = {}
+    for step, metrics in logged:
+        for key, value in metrics.items():
+            out.setdefault(key, []).append((step, value))
+    return out
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    points = client.get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in points)
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+    out = []
+    for info in client.list_artifacts(run_id, path):
+        out += artifact_paths(client, run_id, info.path) if info.is_dir else [info.path]
+    return out
+
+
+def test_sqlite_run_holds_params_metrics_tags_artifacts(mlflow_env: Any, tmp_path: Path) -> None:
+    media = MediaAndCheckpoints(tmp_path / "ckpt", f"Sequential(...) token={mlflow_env.env_token}")
+    tracker = MLflow(
+        experiment=experiment_name(), run_name="digits", save_dir=mlflow_env.store_dir,
+        tags={"team": "vision", "api_token": mlflow_env.hparam_token},
+        params={"batch_size": 8, "data": {"api_key": mlflow_env.hparam_token, "root": "/data"}},
+        histogram_every_n_epochs=1,
+    )
+    _, rec = run_plugin(
+        tracker, max_epochs=2, plugins=[media],
+        hparams={"password": mlflow_env.hparam_token, "dropout": 0.1,
+                 "note": f"reads {mlflow_env.env_token}"},
+    )
+    assert tracker.state == "closed" and not tracker.failed and not tracker.dropped, tracker.report
+    assert tracker.resolved_uri == mlflow_env.uri
+    client = MlflowClient(tracking_uri=mlflow_env.uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "digits"
+    assert client.get_experiment(run.info.experiment_id).name == tracker.experiment
+
+    # every value of every on_log call, at its global step
+    expected = expected_history(rec.logged())
+    assert set(run.data.metrics) == set(expected)
+    for key, points in expected.items():
+        assert history(client, run.info.run_id, key) == sorted(points), key
+    assert [s for s, _ in expected["train/loss"]] == [4, 8, 12, 16]
+
+    params = run.data.params
+    assert params["password"] == params["data/api_key"] == "***"
+    assert params["note"] == "reads ***"
+    assert params["batch_size"] == "8" and params["data/root"] == "/data"
+    assert params["lr"] == "0.1" and params["max_epochs"] == "2" and params["dropout"] == "0.1"
+    assert run.data.tags["team"] == "vision" and run.data.tags["api_token"] == "***"
+    assert run.data.tags["hookloop.best_checkpoint"] == "checkpoints/epoch-1.pt"
+
+    files = artifact_paths(client, run.info.run_id)
+    for name in ("checkpoints/epoch-0.pt", "checkpoints/epoch-1.pt",
+                 "text/model/summary/step-00000000.txt", "images/samples/grid/step-00000000.png",
+                 "histograms/weights/0.weight/step-00000008.json",
+                 "histograms/weights/0.weight/step-00000016.json",
+                 "hookloop/tracking-summary.txt"):
+        assert name in files, name
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "download")))
+    assert (local / "text/model/summary/step-00000000.txt").read_text() == "Sequential(...) token=***"
+    hist = json.loads((local / "histograms/weights/0.weight/step-00000016.json").read_text())
+    assert sum(hist["counts"]) == 4 * 16 and len(hist["edges"]) == 65
+    saved = torch.load(local / "checkpoints/epoch-1.pt", weights_only=True)
+    assert torch.equal(saved["model"]["0.weight"], torch.load(
+        tmp_path / "ckpt/epoch-1.pt", weights_only=True)["model"]["0.weight"])
+
+    assert mlflow_env.grep_secrets(tmp_path) == []
+
+
+def crash_at_step_5(error: BaseException) -> Any:
+    def step(loop: Any, batch: Any) -> torch.Tensor:
+        if loop.state.global_step == 5:
+            raise error
+        x, y = batch
+        loss = nn.functional.cross_entropy(loop.model(x), y)
+        loop.log("train/loss", loss)
+        return loss
+
+    return step
+
+
+@pytest.mark.parametrize(
+    ("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")]
+)
+def test_a_crash_never_leaves_the_run_running(
+    mlflow_env: Any, error: BaseException, status: str
+) -> None:
+    tracker = MLflow(experiment=experiment_name(), save_dir=mlflow_env.store_dir)
+    with pytest.raises(type(error)):
+        run_plugin(tracker, max_epochs=2, step_fn=crash_at_step_5(error))
+    client = MlflowClient(tracking_uri=mlflow_env.uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == status
+    assert history(client, tracker.run_id, "train/loss")[0][0] == 4
+
+
+def test_resume_continues_the_same_run(mlflow_env: Any, tmp_path: Path) -> None:
+    experiment = experiment_name()
+    first = MLflow(experiment=experiment, save_dir=mlflow_env.store_dir)
+    loop = tiny_loop([first])
+    loop.fit(max_epochs=1)
+    torch.save(loop.state_dict(), tmp_path / "last.pt")
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert checkpoint["plugins"]["mlflow"]["run_id"] == first.run_id
+
+    second = MLflow(experiment=experiment, save_dir=mlflow_env.store_dir)
+    tiny_loop([second]).fit(max_epochs=2, resume=checkpoint)
+    assert second.run_id == first.run_id
+    assert not second.failed and not second.dropped, second.report
+    client = MlflowClient(tracking_uri=mlflow_env.uri)
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert [s for s, _ in history(client, first.run_id, "train/loss")] == [4, 8, 12, 16]
+    assert [s for s, _ in history(client, first.run_id, "val/loss")] == [8, 16]
+    assert run.data.params["max_epochs"] == "1"  # MLflow params cannot change
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_unreachable_server_never_changes_training(mlflow_env: Any) -> None:
+    baseline, _ = run_plugin(object(), max_epochs=2)
+
+    # a real fault: an HTTP tracking URI where nothing listens
+    tracker = MLflow(f"http://127.0.0.1:{free_port()}", experiment=experiment_name())
+    with pytest.warns(RuntimeWarning) as caught:
+        loop, _ = run_plugin(tracker, max_epochs=2)
+    assert loop.state.global_step == baseline.state.global_step == 16
+    for key, value in baseline.module.state_dict().items():
+        assert torch.equal(value, loop.module.state_dict()[key]), key
+    messages = [str(w.message) for w in caught]
+    assert any("failed 3 times in a row" in m and "Training continues" in m for m in messages)
+    assert tracker.state == "disabled"
+    assert tracker.failed["open"] == 1 and not tracker.recorded
+    assert "open=1" in tracker.report and mlflow_env.tracking_token not in tracker.report
+
+
+class KillServerAt:
+    """Kills the tracking server once the run reached ``step`` and everything queued
+    so far was sent."""
+
+    def __init__(self, server: Any, tracker: MLflow, step: int) -> None:
+        self.server = server
+        self.tracker = tracker
+        self.step = step
+        self.killed_at: int | None = None
+
+    @hookimpl
+    def on_train_batch_end(self, loop: Any) -> None:
+        if self.killed_at is None and loop.state.global_step >= self.step:
+            assert self.tracker.wait()
+            self.server.stop()
+            self.killed_at = loop.state.global_step
+
+
+def test_server_killed_mid_training(mlflow_env: Any, mlflow_server: Any, tmp_path: Path) -> None:
+    tracker = MLflow(mlflow_server.url, experiment=experiment_name())
+    killer = KillServerAt(mlflow_server, tracker, step=6)
+    with pytest.warns(RuntimeWarning) as caught:
+        loop, rec = run_plugin(tracker, max_epochs=2, plugins=[killer])
+
+    # training completed, and the failure is reported: one warning when the tracker
+    # gave up, and the end-of-fit summary of what was not recorded
+    assert killer.killed_at == 6 and loop.state.global_step == 16
+    assert loop.state.stop_reason == "max_epochs"
+    messages = [str(w.message) for w in caught]
+    assert sum("failed 3 times in a row" in m for m in messages) == 1
+    assert tracker.state == "disabled"
+    assert tracker.failed["metrics"] == 3
+    assert tracker.dropped["close"] == 1
+    assert tracker.report in messages
+    assert "dropped" in tracker.report and tracker.run_id in tracker.report
+
+    # what was sent before the server died is in its backend store
+    client = MlflowClient(tracking_uri=mlflow_server.backend_uri)
+    run = client.get_run(tracker.run_id)
+    assert history(client, tracker.run_id, "train/loss") == [
+        (s, m["train/loss"]) for s, m in rec.logged() if s == 4 and "train/loss" in m
+    ]
+    assert run.data.params["lr"] == "0.1"
+    # the server's store, artifacts and log are in tmp_path
+    assert mlflow_env.grep_secrets(tmp_path) == []
+
+
+def test_no_host_device_sync_on_steps_that_do_not_log(mlflow_env: Any) -> None:
+    tracker = MLflow(experiment=experiment_name(), save_dir=mlflow_env.store_dir)
+    loop = tiny_loop([tracker], log_every_n_steps=4)
+    with SyncGuard(loop) as guard:
+        loop.fit(max_epochs=2)
+    assert guard.steps() <= {4, 8, 12, 16}
+    assert MlflowClient(mlflow_env.uri).get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def test_registered_by_entry_point_name(mlflow_env: Any) -> None:
+    loop = tiny_loop([("mlflow", {"experiment": "by-name", "save_dir": mlflow_env.store_dir})])
+    plugin = loop.get_plugin("mlflow")
+    assert isinstance(plugin, MLflow) and plugin.experiment == "by-name"
+
+
+def test_missing_sdk_gives_an_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    # MLflow is installed here; hiding it from the import system is the only way to
+    # produce a missing package for real in this environment
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    with pytest.raises(ImportError, match="pip install mlflow"):
+        _import_mlflow()
+    with pytest.raises(ImportError) as info:
+        MLflow()
+    assert str(info.value) == INSTALL_HINT
+
+
+def test_keys_are_made_valid() -> None:
+    assert _key("train/loss") == "train/loss"
+    assert _key("acc@top-5") == "acc_top-5"
+    assert _key("/a..b") == "a._b"
