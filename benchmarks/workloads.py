@@ -1,0 +1,591 @@
+"""Per-step cost of hookloop against a raw PyTorch loop, PyTorch Ignite and PyTorch
+Lightning on three workloads, with host-device syncs and peak memory.
+
+Workloads (data pre-generated on the device, so loading is not measured):
+
+- ``noop``: a step function that does nothing: framework overhead per step;
+- ``mlp``: a tiny MLP (three small Linear layers, batch 32): dispatch-dominated;
+- ``cnn``: a small CNN on 32x32 images (batch 32): a realistic step.
+
+Contenders: the raw loop (the floor); the raw loop calling a no-op callback object's
+five per-step methods by hand; hookloop with no plugins, with that same object as a
+plugin, and with the full bundled stack (every bundled plugin installed: checkpoint
+per epoch, early stopping, freeze, summary, TensorBoard + MLflow + W&B offline logging
+every 50 steps, progress bar); Ignite with one no-op handler and with comparable
+handlers; Lightning with logger, checkpointing, progress bar and summary off, and with
+its defaults. Ignite and Lightning are optional (``benchmarks/requirements.txt``).
+
+Every contender consumes the same :class:`benchlib.FetchClock`, which times each epoch
+from inside (first to last batch handed out), so start-up and epoch-end work is left
+out of the per-step figure; the whole fit's wall time is reported beside it. Rounds
+interleave the contenders; the first epoch of every fit is warm-up and dropped.
+
+Run alone: ``python benchmarks/workloads.py [--device cpu|cuda] [--quick] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import logging
+import os
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import benchlib
+import torch
+from benchlib import LOG_EVERY, FetchClock, NoopPlugin, Target, format_table, log, summarize
+from torch import nn
+from torch.nn import functional as F
+
+from hookloop.testing import SyncGuard
+
+# ----------------------------------------------------------------------------- workloads
+
+
+@dataclass
+class Workload:
+    """A model template, pre-generated batches on the device and timing sizes.
+
+    Index ``"1"`` of every model is a parameter-free activation (the freeze plugin of
+    the full stack is pointed at it, so it runs without changing the step's arithmetic).
+    """
+
+    name: str
+    template: nn.Module
+    batches: list[Any]
+    noop: bool
+    epochs: int
+    rounds: int
+    device: torch.device
+    val: list[Any] = field(default_factory=list)
+
+    def model(self) -> nn.Module:
+        """A fresh copy of the template (same initial weights for every contender)."""
+        return copy.deepcopy(self.template)
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer every contender uses."""
+        return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def _batches(n: int, shape: tuple[int, ...], classes: int, device: torch.device) -> list[Any]:
+    g = benchlib.seeded(1)
+    return [(torch.randn(*shape, generator=g).to(device), torch.randint(0, classes, (shape[0],), generator=g)
+             .to(device)) for _ in range(n)]
+
+
+SIZES = {  # steps per epoch, epochs per fit, rounds
+    ("cpu", False): {"noop": (2000, 3, 5), "mlp": (400, 3, 5), "cnn": (40, 3, 4)},
+    ("cuda", False): {"noop": (2000, 3, 5), "mlp": (600, 3, 5), "cnn": (300, 3, 5)},
+    ("cpu", True): {"noop": (12, 2, 1), "mlp": (6, 2, 1), "cnn": (3, 2, 1)},
+    ("cuda", True): {"noop": (12, 2, 1), "mlp": (6, 2, 1), "cnn": (3, 2, 1)},
+}
+
+
+def make_workloads(device: torch.device, quick: bool, only: list[str] | None = None) -> list[Workload]:
+    """The three workloads at the sizes for ``device`` (tiny with ``quick``)."""
+    sizes = SIZES[(device.type if device.type == "cuda" else "cpu", quick)]
+    torch.manual_seed(0)
+    specs = {
+        "noop": (nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), (16, 8), 2, True),
+        "mlp": (nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)),
+                (32, 32), 10, False),
+        "cnn": (nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Flatten(), nn.Linear(32 * 8 * 8, 10)), (32, 3, 32, 32), 10, False),
+    }
+    out = []
+    for name, (model, shape, classes, noop) in specs.items():
+        if only and name not in only:
+            continue
+        steps, epochs, rounds = sizes[name]
+        batches = _batches(steps, shape, classes, device)
+        out.append(Workload(name, model.to(device), batches, noop, epochs, rounds, device, val=batches[:1]))
+    return out
+
+
+# ----------------------------------------------------------------------------- contenders
+
+
+@dataclass
+class Ctx:
+    """What a contender run needs besides the clock."""
+
+    work: Workload
+    root: Path
+    stack: benchlib.FullStack
+
+
+Runner = Callable[[Ctx, Any, int], None]
+
+
+def raw(ctx: Ctx, data: Any, epochs: int) -> None:
+    """The floor: forward, loss, backward, step, zero_grad; nothing else."""
+    w = ctx.work
+    if w.noop:
+        step = benchlib.noop_step
+        for _ in range(epochs):
+            for batch in data:
+                step(None, batch)
+        return
+    model = w.model()
+    opt = w.optimizer(model)
+    model.train()
+    for _ in range(epochs):
+        for x, y in data:
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+def raw_callbacks(ctx: Ctx, data: Any, epochs: int) -> None:
+    """The raw loop calling a no-op callback object's per-step methods by hand, at the
+    points where hookloop fires the same hooks."""
+    w = ctx.work
+    cb = NoopPlugin()
+    start, before_bw, after_bw = cb.on_train_batch_start, cb.on_before_backward, cb.on_after_backward
+    before_opt, end = cb.on_before_optimizer_step, cb.on_train_batch_end
+    if w.noop:
+        step = benchlib.noop_step
+        for _ in range(epochs):
+            for i, batch in enumerate(data):
+                start(None, batch, i)
+                out = step(None, batch)
+                end(None, out, batch, i)
+        return
+    model = w.model()
+    opt = w.optimizer(model)
+    model.train()
+    for _ in range(epochs):
+        for i, batch in enumerate(data):
+            start(None, batch, i)
+            x, y = batch
+            loss = F.cross_entropy(model(x), y)
+            before_bw(None, loss)
+            loss.backward()
+            after_bw(None)
+            before_opt(None, opt)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            end(None, loss, batch, i)
+
+
+def _hookloop(plugins: Callable[[Ctx], list[Any]]) -> Runner:
+    def run(ctx: Ctx, data: Any, epochs: int) -> None:
+        w = ctx.work
+        loop = benchlib.hookloop_loop(w.model(), data, plugins=plugins(ctx),
+                                      step_fn=benchlib.noop_step if w.noop else None, val_data=w.val)
+        loop.fit(max_epochs=epochs)
+
+    return run
+
+
+hookloop_none = _hookloop(lambda ctx: [])
+hookloop_noop = _hookloop(lambda ctx: [NoopPlugin()])
+hookloop_full = _hookloop(lambda ctx: ctx.stack.plugins(ctx.root))
+
+
+def _ignite_update(ctx: Ctx) -> tuple[Callable[[Any, Any], Any], nn.Module, torch.optim.Optimizer]:
+    w = ctx.work
+    model = w.model()
+    opt = w.optimizer(model)
+    model.train()
+    if w.noop:
+        return (lambda engine, batch: None), model, opt
+
+    def update(engine: Any, batch: Any) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return update, model, opt
+
+
+def ignite_one(ctx: Ctx, data: Any, epochs: int) -> None:
+    """Ignite ``Engine`` with one no-op handler on ``ITERATION_COMPLETED``."""
+    from ignite.engine import Engine, Events
+
+    update, _, _ = _ignite_update(ctx)
+    engine = Engine(update)
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: None)
+    engine.run(data, max_epochs=epochs)
+
+
+IGNITE_HANDLERS = ("checkpoint", "early_stopping", "progress", "tensorboard", "mlflow", "wandb")
+"""Ignite counterparts of the bundled plugins (Ignite has no freeze or summary handler)."""
+
+
+def ignite_full(ctx: Ctx, data: Any, epochs: int) -> None:
+    """Ignite with the handlers comparable to the full stack: ModelCheckpoint per epoch,
+    EarlyStopping, ProgressBar, and TensorBoard, MLflow and W&B (offline) loggers of
+    the step output every 50 iterations."""
+    from ignite.engine import Engine, Events
+    from ignite.handlers import EarlyStopping, ModelCheckpoint, ProgressBar
+
+    update, model, opt = _ignite_update(ctx)
+    engine = Engine(update)
+    folder = benchlib.fresh_dir(ctx.root, "ignite")
+    engine.add_event_handler(Events.EPOCH_COMPLETED,
+                             ModelCheckpoint(str(folder / "ckpt"), "bench", n_saved=1, require_empty=False),
+                             {"model": model, "optimizer": opt})
+    engine.add_event_handler(Events.EPOCH_COMPLETED,
+                             EarlyStopping(10**6, lambda e: -float(e.state.epoch), engine))
+    ProgressBar().attach(engine)
+    loggers = []
+
+    def transform(out: Any) -> dict[str, Any]:
+        return {"loss": 0.0 if out is None else out}
+
+    with contextlib.suppress(ImportError):
+        from ignite.handlers.tensorboard_logger import TensorboardLogger
+
+        loggers.append(TensorboardLogger(log_dir=str(folder / "tb")))
+    with contextlib.suppress(ImportError):
+        from ignite.handlers.mlflow_logger import MLflowLogger
+
+        loggers.append(MLflowLogger(tracking_uri=f"sqlite:///{folder}/mlflow.db"))
+    with contextlib.suppress(ImportError):
+        from ignite.handlers.wandb_logger import WandBLogger
+
+        loggers.append(WandBLogger(mode="offline", dir=str(folder), project="hookloop-bench"))
+    for lg in loggers:
+        lg.attach_output_handler(engine, event_name=Events.ITERATION_COMPLETED(every=LOG_EVERY),
+                                 tag="train", output_transform=transform)
+    try:
+        engine.run(data, max_epochs=epochs)
+    finally:
+        for lg in loggers:
+            lg.close()
+
+
+def _lightning(defaults: bool) -> Runner:
+    def run(ctx: Ctx, data: Any, epochs: int) -> None:
+        import lightning as L
+
+        w = ctx.work
+
+        class Lit(L.LightningModule):
+            def __init__(self, model: nn.Module) -> None:
+                super().__init__()
+                self.model = model
+
+            def training_step(self, batch: Any, batch_idx: int) -> Any:
+                if w.noop:
+                    return None
+                x, y = batch
+                loss = F.cross_entropy(self.model(x), y)
+                if defaults:
+                    self.log("train/loss", loss)
+                return loss
+
+            def configure_optimizers(self) -> Any:
+                return w.optimizer(self.model)
+
+        folder = benchlib.fresh_dir(ctx.root, "lightning")
+        kwargs: dict[str, Any] = dict(max_epochs=epochs, accelerator=w.device.type, devices=1,
+                                      default_root_dir=str(folder), num_sanity_val_steps=0,
+                                      log_every_n_steps=LOG_EVERY)
+        if not defaults:
+            kwargs.update(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False)
+        trainer = L.Trainer(**kwargs)
+        trainer.fit(Lit(w.model()), train_dataloaders=data)
+
+    return run
+
+
+@dataclass
+class Contender:
+    """A named runner and what it needs installed."""
+
+    name: str
+    run: Runner
+    needs: str | None = None
+    note: str = ""
+
+
+CONTENDERS = [
+    Contender("raw", raw),
+    Contender("raw + callbacks by hand", raw_callbacks, note="5 no-op per-step methods called by hand"),
+    Contender("hookloop", hookloop_none),
+    Contender("hookloop + 1 no-op plugin", hookloop_noop),
+    Contender("hookloop full stack", hookloop_full),
+    Contender("ignite, 1 no-op handler", ignite_one, needs="ignite"),
+    Contender("ignite, comparable handlers", ignite_full, needs="ignite",
+              note="ModelCheckpoint, EarlyStopping, ProgressBar, TensorBoard/MLflow/W&B loggers"),
+    Contender("lightning, extras off", _lightning(False), needs="lightning",
+              note="logger, checkpointing, progress bar, summary off"),
+    Contender("lightning, defaults", _lightning(True), needs="lightning", note="self.log each step"),
+]
+
+
+def _available(module: str | None) -> str | None:
+    """Why ``module`` cannot be used, or ``None`` when it imports."""
+    if module is None:
+        return None
+    try:
+        __import__(module)
+    except ImportError as exc:
+        return f"{module} not installed ({exc}); pip install -r benchmarks/requirements.txt"
+    return None
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Send what contenders print (progress bars, summaries, banners) to /dev/null."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+class SyncClock:
+    """Batches handed out while counting the sync events seen before each fetch."""
+
+    def __init__(self, batches: list[Any], guard: SyncGuard) -> None:
+        self.batches = batches
+        self.guard = guard
+        self.marks: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        for b in self.batches:
+            self.marks.append(self.guard.count)
+            yield b
+
+
+def instrumented(c: Contender, ctx: Ctx, steps: int) -> dict[str, Any]:
+    """One epoch of ``steps`` batches under the sync guard and a memory probe.
+
+    Syncs: in total, per step inside the epoch (between the first and last fetch), and
+    on steps that do not log (every step but each ``LOG_EVERY``-th). Peak memory in MB:
+    the CUDA allocator's peak on CUDA, the Python heap's peak (tracemalloc) on CPU.
+    """
+    w = ctx.work
+    batches = [w.batches[i % len(w.batches)] for i in range(steps)]
+    cuda = w.device.type == "cuda"
+    if cuda:
+        benchlib.sync(w.device)
+        torch.cuda.reset_peak_memory_stats(w.device)
+        base = torch.cuda.memory_allocated(w.device)
+    else:
+        tracemalloc.start()
+    try:
+        with SyncGuard() as guard:
+            clock = SyncClock(batches, guard)
+            with quiet():
+                c.run(ctx, clock, 1)
+        if cuda:
+            benchlib.sync(w.device)
+            mem = (torch.cuda.max_memory_allocated(w.device) - base) / 2**20
+        else:
+            mem = tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        if not cuda:
+            tracemalloc.stop()
+    marks = clock.marks[:steps]
+    per_step = [marks[i + 1] - marks[i] for i in range(len(marks) - 1)]
+    logging_steps = {i for i in range(len(per_step)) if (i + 1) % LOG_EVERY == 0}
+    nonlog = sum(n for i, n in enumerate(per_step) if i not in logging_steps)
+    ops: dict[str, int] = {}
+    for e in guard.events:
+        ops[e.op] = ops.get(e.op, 0) + 1
+    syncs = {"total": guard.count, "steps": steps, "in_epoch_per_step": sum(per_step) / max(len(per_step), 1),
+             "non_logging_steps": nonlog, "ops": ops, "cuda_debug_events": guard.cuda_events}
+    return {"syncs": syncs, "peak_mem_mb": mem}
+
+
+def bench_workload(w: Workload, contenders: list[Contender], root: Path, stack: benchlib.FullStack,
+                   quick: bool) -> dict[str, Any]:
+    """Time, count syncs and measure memory of every contender on one workload."""
+    ctx = Ctx(w, root, stack)
+    usable = []
+    skipped = {}
+    for c in contenders:
+        why = _available(c.needs)
+        if why is None and c.run is hookloop_full and not stack.chosen:
+            why = "no bundled plugin usable: " + "; ".join(f"{k}: {v[:40]}" for k, v in stack.missing.items())
+        if why is None:
+            usable.append(c)
+        else:
+            skipped[c.name] = why
+    samples: dict[str, list[float]] = {c.name: [] for c in usable}
+    walls: dict[str, list[float]] = {c.name: [] for c in usable}
+    errors: dict[str, str] = {}
+    steps = len(w.batches)
+    for r in range(w.rounds):
+        order = usable[r % len(usable):] + usable[: r % len(usable)]  # rotate: no fixed position
+        for c in order:
+            if c.name in errors:
+                continue
+            clock = FetchClock(w.batches, w.device)
+            t0 = time.perf_counter()
+            try:
+                with quiet():
+                    c.run(ctx, clock, w.epochs)
+            except Exception as exc:
+                errors[c.name] = f"{type(exc).__name__}: {exc}"
+                log(f"  {w.name}/{c.name} failed: {errors[c.name]}")
+                continue
+            benchlib.sync(w.device)
+            walls[c.name].append((time.perf_counter() - t0) / (steps * w.epochs))
+            samples[c.name] += clock.take()[1:]
+        log(f"  {w.name}: round {r + 1}/{w.rounds} done")
+    sync_steps = 2 * LOG_EVERY + 1 if not quick else 4
+    rows = []
+    raw_row = summarize(samples.get("raw", []))
+    raw_mem = None
+    for c in usable:
+        if c.name in errors:
+            rows.append({"contender": c.name, "error": errors[c.name], "note": c.note})
+            continue
+        st = summarize(samples[c.name])
+        try:
+            inst = instrumented(c, ctx, sync_steps)
+            syncs, mem = inst["syncs"], inst["peak_mem_mb"]
+        except Exception as exc:
+            syncs, mem = {"error": f"{type(exc).__name__}: {exc}"}, None
+            log(f"  {w.name}/{c.name} instrumented run failed: {syncs['error']}")
+        if c.name == "raw":
+            raw_mem = mem
+        over = None if raw_row["median"] is None else st["median"] - raw_row["median"]
+        rows.append({
+            "contender": c.name, "note": c.note, "us_per_step": st,
+            "overhead_us": over,
+            "overhead_pct": None if over is None else 100.0 * over / raw_row["median"],
+            "fit_wall_us_per_step": summarize(walls[c.name]),
+            "syncs": syncs, "peak_mem_mb": mem,
+        })
+    for row in rows:
+        if row.get("peak_mem_mb") is not None and raw_mem is not None:
+            row["peak_mem_diff_mb"] = row["peak_mem_mb"] - raw_mem
+    return {"name": w.name, "steps_per_epoch": steps, "epochs": w.epochs, "rounds": w.rounds,
+            "batch_shape": list(w.batches[0][0].shape), "rows": rows, "skipped": skipped}
+
+
+def workload_targets(result: dict[str, Any], device: torch.device) -> list[Target]:
+    """The suite's targets that come from the workloads."""
+    out = []
+    by = {w["name"]: {r["contender"]: r for r in w["rows"]} for w in result["workloads"]}
+    missing = result["stack"]["missing"]
+    note = ("missing: " + ", ".join(sorted(missing))) if missing else "all bundled plugins"
+
+    def get(work: str, who: str, key: str) -> Any:
+        return by.get(work, {}).get(who, {}).get(key)
+
+    if "noop" in by:
+        out.append(Target("noop overhead, hookloop no plugins", get("noop", "hookloop", "overhead_us"), 1.0,
+                          "us/step"))
+        out.append(Target("noop overhead, hookloop full stack",
+                          get("noop", "hookloop full stack", "overhead_us"), 2.0, "us/step", note))
+    if "mlp" in by and device.type == "cpu":
+        out.append(Target("tiny MLP, full stack over raw", get("mlp", "hookloop full stack", "overhead_pct"),
+                          2.0, "% of raw step", note))
+    if "cnn" in by and device.type == "cuda":
+        out.append(Target("small CNN on CUDA, full stack over raw",
+                          get("cnn", "hookloop full stack", "overhead_pct"), 1.0, "% of raw step", note))
+    for work in by:
+        syncs = get(work, "hookloop full stack", "syncs") or {}
+        out.append(Target(f"{work}: syncs on non-logging steps, full stack", syncs.get("non_logging_steps"),
+                          0, "syncs", note))
+    return out
+
+
+def run(device: torch.device, quick: bool, root: Path, stack: benchlib.FullStack | None = None,
+        only: list[str] | None = None) -> dict[str, Any]:
+    """Every workload; returns the JSON-ready result with its targets."""
+    if _available("lightning") is None:
+        import lightning  # noqa: F401  (configures its loggers on import; quiet them after)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    works = make_workloads(device, quick, only)
+    if stack is None:
+        stack = _resolve(device, root)
+    out: dict[str, Any] = {"stack": stack.as_dict(), "workloads": []}
+    for w in works:
+        log(f"workloads: {w.name} ({len(w.batches)} steps x {w.epochs} epochs x {w.rounds} rounds)")
+        out["workloads"].append(bench_workload(w, CONTENDERS, root, stack, quick))
+    out["targets"] = [t.as_dict() for t in workload_targets(out, device)]
+    return out
+
+
+def _resolve(device: torch.device, root: Path) -> benchlib.FullStack:
+    log("workloads: resolving the full bundled stack")
+    w = make_workloads(device, True, ["noop"])[0]
+
+    def probe(plugins: list[Any]) -> None:
+        with quiet():
+            benchlib.hookloop_loop(w.model(), w.batches[:4], plugins=plugins, step_fn=benchlib.noop_step,
+                                   val_data=w.val).fit(max_epochs=1)
+
+    return benchlib.resolve_full_stack(root, probe)
+
+
+def report(result: dict[str, Any]) -> str:
+    """The printed table of this script, targets last."""
+    lines = []
+    for w in result["workloads"]:
+        lines.append(f"workload {w['name']}: batch {w['batch_shape']}, {w['steps_per_epoch']} steps/epoch, "
+                     f"median of {w['rounds']} rounds x {w['epochs'] - 1} epochs (first epoch dropped)")
+        rows = []
+        for r in w["rows"]:
+            if "error" in r:
+                rows.append([r["contender"], "failed: " + r["error"][:60]] + [None] * 7)
+                continue
+            s = r["us_per_step"]
+            sy = r["syncs"]
+            rows.append([r["contender"], s["median"], f"{s['p25']:.2f}-{s['p75']:.2f}", r["overhead_us"],
+                         r["overhead_pct"], r["fit_wall_us_per_step"]["median"],
+                         sy.get("in_epoch_per_step"), sy.get("non_logging_steps"), r.get("peak_mem_diff_mb")])
+        for name, why in w["skipped"].items():
+            rows.append([name, "skipped: " + why[:60]] + [None] * 7)
+        lines.append(format_table(rows, ["contender", "us/step", "p25-p75", "over raw us", "over raw %",
+                                         "fit wall us/step", "syncs/step", "non-log syncs", "peak mem +MB"]))
+        lines.append("")
+    if result["stack"]["missing"]:
+        lines.append("full stack: missing " + "; ".join(f"{k} ({v[:100]})"
+                                                         for k, v in result["stack"]["missing"].items()))
+    lines.append("targets:")
+    lines += [Target(**{k: t[k] for k in ("name", "value", "limit", "unit", "note")}).line()
+              for t in result["targets"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    parser.add_argument("--only", nargs="*", help="workload names (noop, mlp, cnn)")
+    parser.add_argument("--out", type=Path, help="folder for workloads.json and plots")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    out = args.out.resolve() if args.out else None
+    with benchlib.sandbox() as root:
+        result = run(device, args.quick, root, only=args.only)
+    result["machine"] = benchlib.machine_info(device)
+    result["quick"] = args.quick
+    if out is not None:
+        benchlib.write_json(out / "workloads.json", result)
+        import plots
+
+        plots.plot_workloads(result, out)
+    print(report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
