@@ -234,3 +234,18 @@ def test_reader_rejects_other_files(tmp_path: Path) -> None:
     path.write_bytes(b"not a log at all")
     with pytest.raises(ValueError, match="not a W&B transaction log"):
         list(read_records(path))
+
+
+def test_watch_records_gradient_and_weight_histograms(wandb_env: Any) -> None:
+    tracker = WandB(project="hookloop-tests", watch="all", watch_log_freq=4)
+    loop, _ = run_plugin(tracker, max_epochs=2)
+    run = read_offline_run(tracker.run_dir, wait=30)
+    assert run.exit_code == 0 and not tracker.failed, tracker.report
+    rows = history_by_step(run)
+    for step in (4, 8, 12, 16):
+        assert rows[step]["gradients/0.weight"]["_type"] == "histogram"
+        assert sum(rows[step]["parameters/2.bias"]["values"]) == 3
+    assert "gradients/0.weight" not in rows.get(2, {})
+    # no per-step hook unless watching
+    assert loop.pm.plan()["on_before_optimizer_step"].count("wandb") == 1
+    assert "wandb" not in tiny_loop([WandB()]).pm.plan()["on_before_optimizer_step"]

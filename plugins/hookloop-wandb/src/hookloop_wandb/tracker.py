@@ -91,11 +91,14 @@ class WandB(Tracker):
     :param group: run group.
     :param job_type: run job type.
     :param notes: run notes.
-    :param watch: ``"gradients"``, ``"parameters"`` or ``"all"`` to call ``run.watch``
-        on the model (off by default: its module hooks run on the training thread and
-        read tensors on every ``watch_log_freq``-th step; the sync-free alternative is
-        ``histogram_every_n_epochs``).
-    :param watch_log_freq: batches between two ``watch`` records.
+    :param watch: ``"gradients"``, ``"parameters"`` or ``"all"``: histograms of the
+        gradients (as the optimizer sees them: unscaled and clipped) and/or weights
+        every ``watch_log_freq`` optimizer steps, named ``gradients/<param>`` and
+        ``parameters/<param>`` as ``wandb.watch`` names them. Off by default: it copies
+        every parameter to the host on those steps. Unlike ``wandb.watch`` it installs
+        no module hooks: no W&B code runs on the training thread, so a failing run
+        cannot break a step.
+    :param watch_log_freq: optimizer steps between two ``watch`` records.
     :param log_checkpoints: upload the best checkpoint as an artifact when the
         checkpoint plugin announces one.
     :param settings: a ``wandb.Settings`` or a dict of settings for ``wandb.init``.
@@ -159,7 +162,11 @@ class WandB(Tracker):
         self._resuming = False
         self._run: Any = None
         self._wandb: Any = None
-        self._module: torch.nn.Module | None = None
+        self._watched_step = -1
+        if watch is not None:
+            # a per-step hook only when watching: otherwise the tracker adds no cost
+            # to steps at all
+            self.on_before_optimizer_step = self._watch_step
         self._open_error: str | None = None
         self._first_step = 0
         self.run_dir: Path | None = None
@@ -188,7 +195,6 @@ class WandB(Tracker):
         self._resuming = self._resume_id is not None
         self.run_id = self._resume_id or self._fixed_id or _new_run_id()
         self._resume_id = None
-        self._module = loop.module if self.watch else None
         super().on_fit_start(loop)
 
     @hookimpl
@@ -196,6 +202,21 @@ class WandB(Tracker):
         """Queue the best checkpoint as an artifact (when ``log_checkpoints``)."""
         if self.log_checkpoints:
             super().on_checkpoint_saved(path, metrics, is_best)
+
+    def _watch_step(self, loop: Any) -> None:
+        """``on_before_optimizer_step`` when ``watch`` is set: every
+        ``watch_log_freq``-th optimizer step, queue CPU copies of the gradients
+        (clipped and unscaled) and/or the weights as histograms at the step this
+        optimizer step completes. The copies read the device on those steps only."""
+        step = loop.state.global_step + 1
+        if step % self.watch_log_freq or step == self._watched_step:
+            return
+        self._watched_step = step
+        for name, p in loop.module.named_parameters():
+            if self.watch in ("parameters", "all"):
+                self._put("histogram", f"parameters/{name}", p.detach().float().cpu().clone(), step)
+            if self.watch in ("gradients", "all") and p.grad is not None:
+                self._put("histogram", f"gradients/{name}", p.grad.detach().float().cpu().clone(), step)
 
     # ------------------------------------------------------------ backend
 
@@ -244,8 +265,6 @@ class WandB(Tracker):
         # a resumed online run already holds rows up to run.step - 1: skip those
         # steps rather than having W&B warn about (and drop) steps that go back
         self._first_step = int(getattr(run, "step", 0) or 0)
-        if self._module is not None:
-            run.watch(self._module, log=self.watch, log_freq=self.watch_log_freq)
 
     def _backend_hparams(self, params: dict[str, Any]) -> None:
         self._require_run().config.update(params, allow_val_change=True)
