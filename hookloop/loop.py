@@ -7,6 +7,7 @@ public hooks in :mod:`hookloop.hookspecs` and the public methods of :class:`Loop
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -791,7 +792,8 @@ class Loop:
 
     def load_state_dict(self, checkpoint: Mapping[str, Any], *, strict: bool = True) -> None:
         """Restore :meth:`state_dict` output. Order: model, plugins (so that e.g. a
-        freezing plugin rebuilds param groups), optimizers, schedulers, scaler,
+        freezing plugin rebuilds param groups; a plugin's ``load_state_dict`` that takes a
+        ``loop`` keyword receives this loop), optimizers, schedulers, scaler,
         counters, pending metrics, RNG; then ``on_load_checkpoint`` fires."""
         fmt = checkpoint.get("format")
         if fmt != STATE_FORMAT:
@@ -801,7 +803,10 @@ class Loop:
         for name, plugin in self.pm.plugin_items():
             loader = getattr(plugin, "load_state_dict", None)
             if name in plugin_states and callable(loader):
-                loader(plugin_states[name])
+                if "loop" in inspect.signature(loader).parameters:
+                    loader(plugin_states[name], loop=self)  # e.g. to rebuild param groups
+                else:
+                    loader(plugin_states[name])
         missing = [n for n in plugin_states if self.pm.get_plugin(n) is None]
         if missing:
             log.warning("hookloop: checkpoint holds state of plugins not registered now: %s", missing)

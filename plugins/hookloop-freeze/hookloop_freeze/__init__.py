@@ -23,7 +23,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -194,20 +193,6 @@ class _Schedule:
                 f"{len(loop.optimizers)} optimizer(s)"
             )
 
-    def _find_loop(self) -> Loop | None:
-        """The loop this plugin is registered with, seen from ``load_state_dict``."""
-        from hookloop.loop import Loop
-
-        frame = sys._getframe(1)
-        for _ in range(8):
-            if frame is None:
-                break
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Loop) and candidate.pm.is_registered(self):
-                return candidate
-            frame = frame.f_back
-        return self._loop
-
     # ------------------------------------------------------------------ applying
 
     def _apply(self, loop: Loop) -> None:
@@ -331,7 +316,7 @@ class _Schedule:
             )
         self._unfrozen = [bool(u) for u in unfrozen]
         self._added = []
-        loop = loop or self._find_loop()
+        loop = loop or self._loop
         if loop is None:
             # no loop known: keep the lists; on_fit_start applies the freezing, but param
             # groups cannot be re-created before the optimizer state loads
