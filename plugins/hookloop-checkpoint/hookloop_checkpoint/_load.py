@@ -1,0 +1,351 @@
+"""Loading checkpoints: verified, ``weights_only``, with fallback to the previous one."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hookloop_checkpoint._io import MANIFEST_NAME, file_digest, read_manifest
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "LoadResult",
+    "UnsafeCheckpointError",
+    "best_checkpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load",
+    "load_checkpoint",
+]
+
+log = logging.getLogger("hookloop.checkpoint")
+
+CHECKPOINT_FORMAT = "hookloop.checkpoint/1"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """Base class of the errors this package raises about checkpoint files."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No complete checkpoint was found where one was asked for."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file is truncated, damaged, or does not match its manifest checksum."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file carries a pickle payload (arbitrary code) and was refused, not executed."""
+
+
+class CheckpointMismatchError(CheckpointError, RuntimeError):
+    """The weights do not fit the model: missing, unexpected or differently shaped keys."""
+
+
+@dataclass
+class LoadResult:
+    """What :func:`load` did.
+
+    :ivar path: the checkpoint file the weights came from.
+    :ivar missing: model keys that the checkpoint did not provide.
+    :ivar unexpected: checkpoint keys the model does not have (ignored).
+    :ivar skipped: keys whose shapes differ, skipped with ``skip_mismatched=True``.
+    :ivar metrics: the metrics recorded with the checkpoint (empty for plain files).
+    """
+
+    path: str
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _torch_load(path: Path, map_location: Any) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" in text or "Unsupported global" in text:
+            hint = ""
+            if path.name.endswith(".model.pt"):
+                hint = (" This is the pickled model object written by save_model=True; load it "
+                        "only if you trust its source, with torch.load(path, weights_only=False).")
+            raise UnsafeCheckpointError(
+                f"{path}: refused to load: the file carries a pickle payload that "
+                f"torch.load(weights_only=True) does not allow (it could run arbitrary code); "
+                f"nothing from it was executed.{hint} Detail: {text.splitlines()[-1] if text else ''}"
+            ) from exc
+        raise CorruptCheckpointError(f"{path}: cannot be unpickled: {exc}") from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise CheckpointNotFoundError(f"{path}: no such file") from exc
+        raise CorruptCheckpointError(f"{path}: damaged or truncated: {exc}") from exc
+
+
+def _verify(path: Path, expected: Mapping[str, Any] | None) -> None:
+    if not path.exists():
+        raise CorruptCheckpointError(f"{path}: listed in the manifest but missing")
+    if not expected:
+        return
+    size = path.stat().st_size
+    if "size" in expected and size != expected["size"]:
+        raise CorruptCheckpointError(f"{path}: {size} bytes; the manifest recorded {expected['size']} "
+                                     "(truncated or overwritten)")
+    if "sha256" in expected:
+        _, digest = file_digest(path)
+        if digest != expected["sha256"]:
+            raise CorruptCheckpointError(f"{path}: SHA-256 does not match the manifest (corrupt)")
+
+
+def _read_entry(directory: Path, entry: Mapping[str, Any], map_location: Any) -> dict[str, Any]:
+    files = entry.get("files") or {}
+    for fname, info in files.items():
+        _verify(directory / fname, info)
+    return _read_file(directory / entry["primary"], map_location, verified=True)
+
+
+def _read_file(path: Path, map_location: Any, verified: bool = False) -> dict[str, Any]:
+    if not verified:
+        manifest = _try_manifest(path.parent)
+        entry = _entry_for(manifest, path.name) if manifest else None
+        if entry is not None:
+            for fname, info in (entry.get("files") or {}).items():
+                _verify(path.parent / fname, info)
+    ckpt = _torch_load(path, map_location)
+    if not isinstance(ckpt, dict):
+        raise CorruptCheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict")
+    meta = ckpt.get("checkpoint")
+    if isinstance(meta, Mapping) and meta.get("format", "").startswith("hookloop.checkpoint/"):
+        version = int(meta.get("version", 0))
+        if version > FORMAT_VERSION:
+            raise CheckpointError(f"{path}: checkpoint format version {version} is newer than this "
+                                  f"hookloop-checkpoint reads ({FORMAT_VERSION}); upgrade it")
+        weights = meta.get("weights_file")
+        if weights:
+            from safetensors.torch import load_file
+
+            wpath = path.parent / weights
+            try:
+                device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+                ckpt["model"] = load_file(wpath, device=device)
+            except FileNotFoundError as exc:
+                raise CorruptCheckpointError(f"{wpath}: weights file missing") from exc
+            except Exception as exc:
+                raise CorruptCheckpointError(f"{wpath}: damaged safetensors file: {exc}") from exc
+        meta["path"] = str(path)  # type: ignore[index]
+    return ckpt
+
+
+def _try_manifest(directory: Path) -> dict[str, Any] | None:
+    try:
+        return read_manifest(directory)
+    except ValueError as exc:
+        warnings.warn(f"hookloop-checkpoint: {exc}; scanning {directory} instead", RuntimeWarning,
+                      stacklevel=3)
+        return None
+
+
+def _entry_for(manifest: Mapping[str, Any], primary: str) -> Mapping[str, Any] | None:
+    for entry in manifest.get("checkpoints", []):
+        if entry.get("primary") == primary:
+            return entry
+    return None
+
+
+def list_checkpoints(dirpath: str | Path) -> list[dict[str, Any]]:
+    """The complete checkpoints the manifest of ``dirpath`` lists, newest first (each a
+    dict with ``name``, ``primary``, ``epoch``, ``step``, ``metrics``, ``score``,
+    ``files``...). Empty when there is no manifest."""
+    manifest = _try_manifest(Path(dirpath))
+    if not manifest:
+        return []
+    return sorted(manifest.get("checkpoints", []), key=lambda e: e.get("seq", 0), reverse=True)
+
+
+def latest_checkpoint(dirpath: str | Path) -> Path | None:
+    """Path of the newest checkpoint the manifest lists (not verified), or ``None``."""
+    entries = list_checkpoints(dirpath)
+    return Path(dirpath) / entries[0]["primary"] if entries else None
+
+
+def best_checkpoint(dirpath: str | Path) -> Path | None:
+    """Path of the best checkpoint by the monitored metric (not verified), or ``None``
+    when the run had no monitor or no finite score yet."""
+    manifest = _try_manifest(Path(dirpath))
+    if not manifest or not manifest.get("best"):
+        return None
+    return Path(dirpath) / manifest["best"]
+
+
+def _scan(directory: Path, map_location: Any) -> dict[str, Any]:
+    candidates = sorted((p for p in directory.glob("*.pt") if not p.name.endswith(".model.pt")),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+    errors = []
+    for path in candidates:
+        try:
+            ckpt = _read_file(path, map_location, verified=True)
+        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            errors.append(str(exc))
+            continue
+        if isinstance(ckpt.get("checkpoint"), Mapping) and "format" in ckpt:
+            if errors:
+                warnings.warn(f"hookloop-checkpoint: skipped damaged files: {errors}", RuntimeWarning,
+                              stacklevel=3)
+            return ckpt
+    raise CheckpointNotFoundError(
+        f"{directory}: no readable hookloop checkpoint (no {MANIFEST_NAME}; "
+        f"{len(candidates)} .pt file(s) tried{': ' + '; '.join(errors) if errors else ''})"
+    )
+
+
+def load_checkpoint(
+    path: str | Path, map_location: Any = "cpu", *, which: str = "latest"
+) -> dict[str, Any]:
+    """Load a checkpoint written by :class:`~hookloop_checkpoint.Checkpoint` as a dict
+    that ``loop.fit(..., resume=...)`` and ``loop.load_state_dict`` accept.
+
+    :param path: a checkpoint file, or a checkpoint directory. For a directory,
+        ``which="latest"`` takes the newest complete checkpoint and, when a file is
+        truncated or fails its manifest checksum, falls back to the previous complete
+        one with a warning; ``which="best"`` takes the best by the monitored metric
+        (the latest when there is no best), with the same fallback.
+    :param map_location: as for ``torch.load``.
+    :raises CheckpointNotFoundError: nothing loadable there (never a silent fresh start).
+    :raises UnsafeCheckpointError: the file carries a pickle payload; it is refused and
+        nothing in it runs. Loading always uses ``torch.load(weights_only=True)``.
+    :raises CorruptCheckpointError: a single file given by path is damaged.
+    """
+    if which not in ("latest", "best"):
+        raise ValueError(f"which={which!r}; expected 'latest' or 'best'")
+    path = Path(path)
+    if not path.is_dir():
+        if not path.exists():
+            raise CheckpointNotFoundError(f"{path}: no such checkpoint file or directory")
+        return _read_file(path, map_location)
+    manifest = _try_manifest(path)
+    if manifest is None:
+        return _scan(path, map_location)
+    entries = sorted(manifest.get("checkpoints", []), key=lambda e: e.get("seq", 0), reverse=True)
+    if which == "best" and manifest.get("best"):
+        best = [e for e in entries if e.get("primary") == manifest["best"]]
+        entries = best + [e for e in entries if e not in best]
+    if not entries:
+        raise CheckpointNotFoundError(f"{path}: the manifest lists no checkpoint")
+    errors = []
+    for entry in entries:
+        try:
+            ckpt = _read_entry(path, entry, map_location)
+        except CorruptCheckpointError as exc:
+            errors.append(str(exc))
+            continue
+        if errors:
+            warnings.warn(
+                f"hookloop-checkpoint: {len(errors)} newer checkpoint(s) unusable "
+                f"({'; '.join(errors)}); fell back to {entry['primary']} "
+                f"(epoch {entry.get('epoch')}, step {entry.get('step')})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            log.warning("hookloop.checkpoint: fell back to %s: %s", entry["primary"], errors)
+        return ckpt
+    raise CheckpointNotFoundError(f"{path}: every checkpoint in the manifest is unusable: {errors}")
+
+
+def _model_state(ckpt: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    for key in ("model", "model_state_dict", "state_dict"):
+        value = ckpt.get(key)
+        if isinstance(value, Mapping):
+            return dict(value)
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return dict(ckpt)  # a plain torch.save(model.state_dict()) file
+    raise CheckpointError(f"{path}: no model weights found (keys: {sorted(ckpt)[:20]})")
+
+
+def load(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    strict: bool = True,
+    map_location: Any = "cpu",
+    which: str = "best",
+    prefix: str | None = None,
+    skip_mismatched: bool = False,
+) -> LoadResult:
+    """Load a checkpoint's model weights into ``model`` (and optionally the optimizer
+    state), e.g. a trained backbone into a new model for transfer learning.
+
+    :param path: a checkpoint file or directory (see :func:`load_checkpoint`; for a
+        directory the default is the best checkpoint). Plain ``state_dict`` files and
+        dicts with ``model_state_dict`` load too.
+    :param model: the module to load into.
+    :param optimizer: also restore the first optimizer's state saved in the checkpoint.
+    :param strict: raise when the model has keys the checkpoint lacks or the
+        checkpoint has keys the model lacks; ``False`` loads the keys both have.
+    :param map_location: as for ``torch.load``.
+    :param which: ``"best"`` or ``"latest"`` for a directory.
+    :param prefix: take only checkpoint keys starting with ``prefix`` and strip it
+        (``prefix="backbone."`` loads the backbone of a whole model into a backbone).
+    :param skip_mismatched: leave keys whose shapes differ (e.g. a new head) at their
+        current values instead of raising.
+    :raises CheckpointMismatchError: listing missing and unexpected keys and shape
+        mismatches.
+    :raises UnsafeCheckpointError: the file carries a pickle payload (never executed).
+    """
+    ckpt = load_checkpoint(path, map_location, which=which)
+    meta = ckpt.get("checkpoint")
+    source = Path(meta["path"]) if isinstance(meta, Mapping) and "path" in meta else Path(path)
+    state = _model_state(ckpt, source)
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise CheckpointMismatchError(f"{source}: no key starts with prefix {prefix!r}")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(
+        k for k in set(own) & set(state)
+        if isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape
+    )
+    problems = []
+    if strict and missing:
+        problems.append(f"missing keys (in the model, not in the checkpoint): {missing[:20]}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys (in the checkpoint, not in the model): {unexpected[:20]}")
+    if mismatched and not skip_mismatched:
+        problems.append("shape mismatches: " + ", ".join(
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in mismatched[:20]))
+    if problems:
+        raise CheckpointMismatchError(
+            f"cannot load {source} into {type(model).__name__}: " + "; ".join(problems)
+            + ". Use strict=False to load the keys both have, prefix= to select a submodule, "
+              "skip_mismatched=True to keep differently shaped layers."
+        )
+    for k in mismatched:
+        state.pop(k)
+    model.load_state_dict(state, strict=False)
+    if optimizer is not None:
+        opts = ckpt.get("optimizers") or ([ckpt["optimizer_state_dict"]] if "optimizer_state_dict" in ckpt
+                                          else [])
+        if not opts:
+            raise CheckpointError(f"{source}: holds no optimizer state")
+        optimizer.load_state_dict(opts[0])
+    metrics = dict(meta.get("metrics") or {}) if isinstance(meta, Mapping) else {}
+    log.info("hookloop.checkpoint: loaded %d tensors from %s into %s", len(state), source,
+             type(model).__name__)
+    return LoadResult(str(source), missing, unexpected, mismatched, metrics)

@@ -1,0 +1,752 @@
+"""The ``Checkpoint`` plugin: when to save, what to keep, how to write, how to resume."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hookloop.plugins import hookimpl
+from hookloop_checkpoint._io import (
+    MANIFEST_FORMAT,
+    atomic_write,
+    cleanup_tmp_files,
+    fsync_dir,
+    read_manifest,
+    render_filename,
+    write_manifest,
+)
+from hookloop_checkpoint._load import (
+    CHECKPOINT_FORMAT,
+    FORMAT_VERSION,
+    CheckpointError,
+    CheckpointNotFoundError,
+    load_checkpoint,
+)
+
+if TYPE_CHECKING:
+    from hookloop.loop import Loop
+
+__all__ = ["Checkpoint", "CheckpointWriteError", "MonitorNotFoundError", "SaveStat"]
+
+log = logging.getLogger("hookloop.checkpoint")
+
+MODES = ("min", "max")
+FORMATS = ("torch", "safetensors")
+
+
+class MonitorNotFoundError(KeyError):
+    """The monitored metric is not among the logged metrics; the message lists them."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (disk full, read-only directory, permissions, an
+    error while serialising); the previous checkpoints are intact."""
+
+
+@dataclass
+class SaveStat:
+    """Timing of one save.
+
+    :ivar path: the checkpoint's main file.
+    :ivar stall_s: seconds the training loop was blocked by this save (for an async
+        save: building the state and copying it to CPU memory).
+    :ivar write_s: seconds spent serialising and writing (on the writer thread for an
+        async save); ``None`` until the write finished.
+    :ivar nbytes: bytes written (all files of the checkpoint).
+    """
+
+    path: str
+    stall_s: float
+    write_s: float | None = None
+    nbytes: int = 0
+
+
+class _Job:
+    """One write, run inline (sync) or on the writer thread (async)."""
+
+    def __init__(self, fn: Callable[[], dict[str, Any]], entry: dict[str, Any], prev: list[dict[str, Any]],
+                 is_best: bool, metrics: dict[str, float], stat: SaveStat) -> None:
+        self.fn = fn
+        self.entry = entry
+        self.prev = prev
+        self.is_best = is_best
+        self.metrics = metrics
+        self.stat = stat
+        self.files: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        start = time.perf_counter()
+        try:
+            self.files = self.fn()
+        except BaseException as exc:  # surfaced on the training thread
+            self.error = exc
+        self.stat.write_s = time.perf_counter() - start
+        self.fn = None  # type: ignore[assignment]  # drop the CPU copy of the state
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """A deep copy of a state dict with every tensor copied to CPU memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_cpu_copy(v) for v in obj)
+    return obj
+
+
+def _signum(sig: int | str | signal.Signals) -> int:
+    if isinstance(sig, str):
+        name = sig.upper() if sig.upper().startswith("SIG") else f"SIG{sig.upper()}"
+        if not hasattr(signal, name):
+            raise ValueError(f"unknown signal {sig!r}")
+        return int(getattr(signal, name))
+    return int(sig)
+
+
+class Checkpoint:
+    """Crash-safe checkpoints of the whole loop state, best-k selection, async saving,
+    preemption handling and resume.
+
+    :param dirpath: directory of the checkpoints and of their manifest
+        (``checkpoints.json``), created if needed.
+    :param monitor: metric ranking the checkpoints (e.g. ``"val/loss"``); ``None``
+        keeps the newest ``top_k``. A metric that is never logged raises
+        :class:`MonitorNotFoundError` listing the metrics that exist. A save is ranked
+        only when the monitored value was logged since the previous save (so a
+        mid-epoch save is never ranked with a stale validation score).
+    :param mode: ``"min"`` or ``"max"``: which monitored values are better. NaN is never
+        best; ties keep the older checkpoint.
+    :param top_k: checkpoints kept by rank (``-1``: all; ``0``: none besides the last).
+    :param save_last: always keep the newest checkpoint (the manifest's ``last``),
+        and save the final state at the end of fit if it was not saved yet.
+    :param every_n_epochs: save at the end of every Nth epoch (after validation and
+        the epoch's scheduler step); ``None``/``0`` disables.
+    :param every_n_steps: also save every N optimizer steps, mid-epoch.
+    :param every_seconds: also save at the first optimizer step after this many
+        seconds since the previous save.
+    :param filename: template of the checkpoint name, with ``{epoch}`` (zero-based),
+        ``{step}`` (global step) and any metric by its name (``{val/loss:.4f}``, or
+        ``{val_loss}``); unknown metrics render as ``na``. Names are sanitised to plain
+        file names inside ``dirpath``; a clash gets ``-v1``, ``-v2``...
+    :param format: ``"torch"`` (one ``.pt`` file) or ``"safetensors"`` (the weights in
+        ``<name>.safetensors``, the rest of the state in ``<name>.pt``).
+    :param save_model: also write the whole model object with ``torch.save(model)`` to
+        ``<name>.model.pt``. That file is a pickle: load it only from a trusted source
+        (``torch.load(path, weights_only=False)``); this package's loaders refuse it.
+    :param async_save: copy the state to CPU memory on the training thread and write it
+        on a background thread. At most one write is in flight: a save requested while
+        the previous write runs waits for it first (no save is dropped). Writer errors
+        are raised at the next save or at the end of fit; fit returns only once the
+        last write is durable.
+    :param resume: ``"latest"`` resumes from the newest complete checkpoint in
+        ``dirpath`` when there is one (a fresh start when the directory has none), or a
+        path to resume from; applied at the start of the first fit. Same effect as
+        ``loop.fit(..., resume=load_checkpoint(...))``.
+    :param signals: signals that trigger a save at the next optimizer-step boundary and
+        a clean stop (preemption); the handlers installed before are called too and are
+        restored at the end of fit. ``()`` disables. Add ``"SIGINT"`` to checkpoint on
+        Ctrl-C instead of aborting mid-step.
+    :param exit_on_signal: after a signal-triggered save and stop, raise
+        ``SystemExit(128 + signum)`` (143 for SIGTERM) at the end of fit; with
+        ``False`` fit returns with ``state.stop_reason`` naming the signal.
+    :param verbose: log each save at INFO level (path, metric, size).
+    """
+
+    hookloop_name = "checkpoint"
+    hookloop_on_error = "raise"
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike[str],
+        monitor: str | None = None,
+        mode: str = "min",
+        top_k: int = 1,
+        save_last: bool = True,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        every_seconds: float | None = None,
+        filename: str = "{epoch:03d}-{step}-{val/loss:.4f}",
+        format: str = "torch",
+        save_model: bool = False,
+        async_save: bool = False,
+        resume: str | os.PathLike[str] | None = None,
+        signals: Iterable[int | str] = ("SIGTERM", "SIGUSR1"),
+        exit_on_signal: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+        if format not in FORMATS:
+            raise ValueError(f"format={format!r}; expected one of {FORMATS}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1:
+            raise ValueError(f"top_k must be an int >= -1; got {top_k!r}")
+        if top_k == 0 and not save_last:
+            raise ValueError("top_k=0 with save_last=False would never keep a checkpoint")
+        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a non-negative int or None; got {value!r}")
+        if every_seconds is not None and not (isinstance(every_seconds, (int, float)) and every_seconds > 0):
+            raise ValueError(f"every_seconds must be a positive number; got {every_seconds!r}")
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ValueError(f"monitor must be a metric name or None; got {monitor!r}")
+        if not isinstance(filename, str) or not filename:
+            raise ValueError(f"filename must be a non-empty template; got {filename!r}")
+        render_filename(filename, {"epoch": 0, "step": 0})  # a bad template fails now
+        self.dirpath = Path(dirpath)
+        self.monitor = monitor
+        self.mode = mode
+        self.top_k = top_k
+        self.save_last = bool(save_last)
+        self.every_n_epochs = every_n_epochs or None
+        self.every_n_steps = every_n_steps or None
+        self.every_seconds = every_seconds
+        self.filename = filename
+        self.format = format
+        self.save_model = bool(save_model)
+        self.async_save = bool(async_save)
+        self.resume = resume
+        self.signals = tuple(_signum(s) for s in signals)
+        self.exit_on_signal = bool(exit_on_signal)
+        self.verbose = bool(verbose)
+
+        self.stats: list[SaveStat] = []
+        """One :class:`SaveStat` per save of this plugin object, in order."""
+        self._entries: list[dict[str, Any]] = []
+        self._seq = 0
+        self._best: str | None = None
+        self._last_key: tuple[Any, ...] | None = None
+        self._fresh: set[str] = set()
+        self._job: _Job | None = None
+        self._resumed_once = False
+        self._restored = False
+        self._validated = False
+        self._last_save_time = time.monotonic()
+        self._signal_pending: int | None = None
+        self._preempted: int | None = None
+        self._prev_handlers: dict[int, Any] = {}
+        self._warned_foreign = False
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def last_path(self) -> Path | None:
+        """The newest complete checkpoint's main file (``None`` before the first save)."""
+        done = [e for e in self._entries if e.get("files")]
+        return self.dirpath / done[-1]["primary"] if done else None
+
+    @property
+    def best_path(self) -> Path | None:
+        """The best checkpoint by ``monitor`` (``None`` without a monitor or a score)."""
+        return self.dirpath / self._best if self._best else None
+
+    @property
+    def best_score(self) -> float | None:
+        """The monitored value of the best checkpoint."""
+        for e in self._entries:
+            if e["primary"] == self._best:
+                return e["score"]
+        return None
+
+    def wait(self, loop: Loop | None = None) -> None:
+        """Wait until the in-flight async write is durable; raise its error, if any,
+        and announce the checkpoint (``on_checkpoint_saved``) when ``loop`` is given."""
+        self._finish_pending(loop, raise_errors=True)
+
+    def save(self, loop: Loop, metrics: Mapping[str, float] | None = None) -> Path | None:
+        """Save a checkpoint now (every rank must call it under DDP; rank 0 writes).
+
+        Returns the path of the main file (already durable for a sync save), or
+        ``None`` when the retention policy would not keep this checkpoint.
+        """
+        return self._save(loop, dict(metrics or {}))
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Bookkeeping saved in the loop's checkpoint: the kept checkpoints with their
+        scores, the best, the save counter and the monitor."""
+        return {
+            "entries": [dict(e) for e in self._entries],
+            "seq": self._seq,
+            "best": self._best,
+            "monitor": self.monitor,
+            "mode": self.mode,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; checkpoints whose files are gone are dropped."""
+        if state.get("monitor") != self.monitor or state.get("mode") != self.mode:
+            log.warning("hookloop.checkpoint: resumed state ranked by %r (%s); now %r (%s): "
+                        "the kept checkpoints are ranked again", state.get("monitor"),
+                        state.get("mode"), self.monitor, self.mode)
+        self._entries = [dict(e) for e in state.get("entries", [])]
+        self._seq = int(state.get("seq", 0))
+        self._best = state.get("best")
+        self._restored = True
+
+    # ------------------------------------------------------------------ hooks
+
+    @hookimpl(tryfirst=True)
+    def on_fit_start(self, loop: Loop) -> None:
+        """Prepare the directory, resume if asked, install the signal handlers."""
+        if loop.state.is_global_zero:
+            try:
+                self.dirpath.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CheckpointWriteError(
+                    f"cannot create checkpoint directory {self.dirpath}: {exc}") from exc
+            stale = cleanup_tmp_files(self.dirpath)
+            if stale:
+                log.info("hookloop.checkpoint: removed %d temporary file(s) of interrupted writes",
+                         len(stale))
+        if self.resume is not None and not self._resumed_once and not self._restored:
+            self._resume(loop)
+        self._resumed_once = True
+        self._reconcile(loop)
+        self._restored = False
+        self._preempted = None
+        self._signal_pending = None
+        self._last_save_time = time.monotonic()
+        self._install_signals()
+
+    def _resume(self, loop: Loop) -> None:
+        source = self.dirpath if str(self.resume) in ("latest", "last") else Path(self.resume)  # type: ignore[arg-type]
+        try:
+            ckpt = load_checkpoint(source, loop.device)
+        except CheckpointNotFoundError:
+            if source == self.dirpath and not (self.dirpath / "checkpoints.json").exists():
+                log.info("hookloop.checkpoint: no checkpoint in %s yet; starting fresh", self.dirpath)
+                return
+            raise
+        loop.load_state_dict(ckpt)
+        log.info("hookloop.checkpoint: resumed from %s (epoch %s, step %s)",
+                 ckpt.get("checkpoint", {}).get("path"), loop.state.epoch, loop.state.global_step)
+
+    def _reconcile(self, loop: Loop) -> None:
+        """Match the bookkeeping with the files on disk (rank 0 reads the manifest)."""
+        try:
+            disk = read_manifest(self.dirpath) if self.dirpath.is_dir() else None
+        except ValueError as exc:
+            log.warning("hookloop.checkpoint: %s; it will be rewritten at the next save", exc)
+            disk = None
+        known = {e["primary"]: e for e in (disk or {}).get("checkpoints", [])}
+        if self._restored:
+            kept = []
+            for e in self._entries:
+                on_disk = known.get(e["primary"])
+                if on_disk is not None:
+                    kept.append({**e, "files": on_disk.get("files", e.get("files"))})
+                elif all((self.dirpath / f).exists() for f in e.get("files") or {e["primary"]: None}):
+                    kept.append(e)
+            self._entries = kept
+            if self._best not in {e["primary"] for e in kept}:
+                self._best = self._pick_best(kept)
+        foreign = sorted(set(known) - {e["primary"] for e in self._entries})
+        if foreign and not self._warned_foreign and loop.state.is_global_zero:
+            self._warned_foreign = True
+            log.warning("hookloop.checkpoint: %s holds %d checkpoint(s) this run does not track "
+                        "(%s); they are left in place", self.dirpath, len(foreign), foreign[:5])
+        self._seq = max([self._seq, *(e.get("seq", 0) for e in known.values())])
+
+    @hookimpl
+    def on_log(self, metrics: Mapping[str, float]) -> None:
+        """Remember which metrics were logged since the previous save."""
+        self._fresh.update(metrics)
+
+    @hookimpl
+    def on_train_epoch_start(self) -> None:
+        """Reset the per-epoch validation flag."""
+        self._validated = False
+
+    @hookimpl
+    def on_validation_end(self) -> None:
+        """Note that validation ran this epoch (for the missing-monitor check)."""
+        self._validated = True
+
+    @hookimpl
+    def on_train_batch_end(self, loop: Loop) -> None:
+        """Save every ``every_n_steps`` steps / ``every_seconds``, or when preempted."""
+        state = loop.state
+        if not state.stepped:
+            return  # never between accumulation micro-batches: gradients are not in the state
+        time_due = self.every_seconds is not None and (
+            time.monotonic() - self._last_save_time >= self.every_seconds
+        )
+        if state.world_size > 1:
+            # ranks disagree on clocks and signal arrival: decide together, once per log
+            # interval (one collective), so that every rank saves at the same step
+            time_due = False
+            if state.global_step % loop.log_every_n_steps == 0:
+                time_due = self._agree(loop, self.every_seconds is not None and (
+                    time.monotonic() - self._last_save_time >= self.every_seconds))
+        if self._signal_pending is not None and self._preempted is None:
+            self._preempt(loop)
+            return
+        if time_due or (self.every_n_steps is not None and state.global_step % self.every_n_steps == 0):
+            self._save(loop, {})
+
+    @hookimpl
+    def on_train_epoch_end(self, loop: Loop, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Save at the end of every ``every_n_epochs`` epochs, after validation."""
+        if self._preempted is not None:
+            return  # the step-boundary checkpoint is the resume point
+        if loop.state.world_size > 1:
+            self._agree(loop, False)
+        if self._signal_pending is not None:
+            self._preempt(loop, dict(metrics))
+            return
+        self._check_monitor(loop, metrics)
+        if self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0:
+            self._save(loop, dict(metrics))
+
+    @hookimpl(wrapper=True)
+    def on_fit_end(self, loop: Loop) -> Any:
+        """Save the final state if it was not saved, wait for the last write, restore the
+        signal handlers; after the other plugins ran, exit on a preemption signal."""
+        try:
+            if self._preempted is None and self.save_last and self._state_key(loop) != self._last_key:
+                self._save(loop, {})
+            self._finish_pending(loop, raise_errors=True)
+            if loop.state.world_size > 1:
+                loop.barrier()
+        finally:
+            self._restore_signals()
+        result = yield
+        if self._preempted is not None and self.exit_on_signal:
+            code = 128 + self._preempted
+            log.warning("hookloop.checkpoint: exiting with code %d after %s", code,
+                        signal.Signals(self._preempted).name)
+            raise SystemExit(code)
+        return result
+
+    @hookimpl
+    def on_exception(self, loop: Loop, exception: BaseException) -> None:
+        """Make the in-flight write durable (its error is logged, the original exception
+        propagates) and restore the signal handlers."""
+        try:
+            self._finish_pending(loop, raise_errors=False)
+        finally:
+            self._restore_signals()
+
+    # ------------------------------------------------------------------ policy
+
+    def _state_key(self, loop: Loop) -> tuple[Any, ...]:
+        s = loop.state
+        if s.epoch_done:  # the end of epoch e is the start of epoch e + 1
+            return (s.epoch + 1, s.global_step, 0)
+        return (s.epoch, s.global_step, s.epoch_batches_done)
+
+    def _check_monitor(self, loop: Loop, metrics: Mapping[str, float]) -> None:
+        monitor = self.monitor
+        if monitor is None or monitor in metrics or monitor in loop.state.metrics:
+            return
+        if self._validated or loop.val_data is None:
+            available = sorted({*loop.state.metrics, *metrics})
+            close = difflib.get_close_matches(monitor, available, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise MonitorNotFoundError(
+                f"Checkpoint(monitor={monitor!r}): no such metric was logged{hint} "
+                f"Available metrics: {available}"
+            )
+
+    def _better(self, a: float, b: float) -> bool:
+        return a < b if self.mode == "min" else a > b
+
+    def _rank_key(self, e: Mapping[str, Any]) -> tuple[float, int]:
+        score = e["score"]
+        return (score if self.mode == "min" else -score, e["seq"])
+
+    def _ranked(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.monitor is None:
+            return sorted(entries, key=lambda e: -e["seq"])
+        scored = [e for e in entries if e.get("score") is not None and not math.isnan(e["score"])]
+        return sorted(scored, key=self._rank_key)
+
+    def _pick_best(self, entries: list[dict[str, Any]]) -> str | None:
+        if self.monitor is None:
+            return None
+        ranked = self._ranked(entries)
+        return ranked[0]["primary"] if ranked else None
+
+    def _retain(self, entries: list[dict[str, Any]], new: dict[str, Any]) -> list[dict[str, Any]]:
+        ranked = self._ranked(entries)
+        top = ranked if self.top_k == -1 else ranked[: self.top_k]
+        keep = {id(e) for e in top}
+        if self.save_last:
+            keep.add(id(new))
+        return [e for e in entries if id(e) in keep]
+
+    def _unique_name(self, base: str) -> str:
+        taken = {e["name"] for e in self._entries}
+        name = base
+        n = 0
+        while name in taken or any((self.dirpath / f).exists() for f in self._file_names(name)):
+            n += 1
+            name = f"{base}-v{n}"
+        return name
+
+    def _file_names(self, name: str) -> list[str]:
+        names = [f"{name}.pt"]
+        if self.format == "safetensors":
+            names.append(f"{name}.safetensors")
+        if self.save_model:
+            names.append(f"{name}.model.pt")
+        return names
+
+    # ------------------------------------------------------------------ saving
+
+    def _save(self, loop: Loop, epoch_metrics: dict[str, float]) -> Path | None:
+        start = time.perf_counter()
+        self._finish_pending(loop, raise_errors=True)
+        wait_s = time.perf_counter() - start
+        state = loop.state
+        metrics = {**state.metrics, **epoch_metrics}
+        score: float | None = None
+        if self.monitor is not None and self.monitor in metrics and (
+            self.monitor in self._fresh or self.monitor in epoch_metrics
+        ):
+            score = float(metrics[self.monitor])
+        namespace = {**metrics, "epoch": state.epoch, "step": state.global_step}
+        name = self._unique_name(render_filename(self.filename, namespace))
+        seq = self._seq + 1
+        entry: dict[str, Any] = {
+            "name": name,
+            "primary": f"{name}.pt",
+            "seq": seq,
+            "epoch": state.epoch,
+            "step": state.global_step,
+            "epoch_done": bool(state.epoch_done),
+            "score": score,
+            "metrics": {k: float(v) for k, v in metrics.items()},
+            "time": time.time(),
+            "format": self.format,
+        }
+        before = list(self._entries)
+        after = self._retain([*before, entry], entry)
+        self._fresh.clear()
+        self._last_key = self._state_key(loop)
+        self._last_save_time = time.monotonic()
+        if not any(e is entry for e in after):
+            log.debug("hookloop.checkpoint: %s would not be kept (score %s); not written", name, score)
+            return None
+        removed = [e for e in before if not any(e is k for k in after)]
+        prev_best, prev_seq = self._best, self._seq
+        is_best = score is not None and not math.isnan(score) and (
+            self.best_score is None or self._better(score, self.best_score)
+        )
+        self._entries, self._seq = after, seq
+        self._best = self._pick_best(after)
+        stat = SaveStat(str(self.dirpath / entry["primary"]), 0.0)
+        try:
+            ckpt = loop.state_dict()  # every rank: RNG states are gathered
+            ckpt["checkpoint"] = {
+                "format": CHECKPOINT_FORMAT,
+                "version": FORMAT_VERSION,
+                "name": name,
+                "metrics": dict(entry["metrics"]),
+                "monitor": self.monitor,
+                "score": score,
+                "time": entry["time"],
+            }
+            job = None
+            if state.is_global_zero:
+                if self.async_save:
+                    ckpt = _cpu_copy(ckpt)
+                model_obj = None
+                if self.save_model:
+                    # a frozen copy for the writer thread; the live module keeps training
+                    model_obj = copy.deepcopy(loop.module) if self.async_save else loop.module
+                manifest = self._manifest_base()
+                write = self._make_write(ckpt, entry, manifest, removed, model_obj)
+                job = _Job(write, entry, before, is_best, entry["metrics"], stat)
+                if self.async_save:
+                    job.thread = threading.Thread(target=job.run, name="hookloop-checkpoint-writer",
+                                                  daemon=True)
+                    self._job = job
+                    job.thread.start()
+                else:
+                    job.run()
+        except BaseException:
+            self._entries, self._seq, self._best = before, prev_seq, prev_best
+            raise
+        finally:
+            if state.world_size > 1 and not self.async_save:
+                loop.barrier()  # rank 0 wrote (or failed); nobody waits forever
+        stat.stall_s = time.perf_counter() - start - wait_s
+        self.stats.append(stat)
+        if job is not None and not self.async_save:
+            self._complete(loop, job, raise_errors=True)
+        elif job is None and not self.async_save:
+            h = loop.hooks.on_checkpoint_saved  # rank != 0: rank 0 wrote it before the barrier
+            if h is not None:
+                h(loop, stat.path, dict(entry["metrics"]), is_best)
+        return self.dirpath / entry["primary"]
+
+    def _manifest_base(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "top_k": self.top_k,
+            "checkpoints": [dict(e) for e in self._entries],
+            "best": self._best,
+        }
+
+    def _make_write(self, ckpt: dict[str, Any], entry: dict[str, Any], manifest: dict[str, Any],
+                    removed: list[dict[str, Any]], model_obj: Any) -> Callable[[], dict[str, Any]]:
+        directory = self.dirpath
+        name = entry["name"]
+        fmt = self.format
+
+        def write() -> dict[str, Any]:
+            files: dict[str, Any] = {}
+            try:
+                state = ckpt
+                if fmt == "safetensors":
+                    from safetensors.torch import save as st_save
+
+                    weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in ckpt["model"].items()}
+                    data = st_save(weights, metadata={"format": CHECKPOINT_FORMAT})
+                    fname = f"{name}.safetensors"
+                    size, digest = atomic_write(directory / fname, lambda f: f.write(data))
+                    files[fname] = {"size": size, "sha256": digest}
+                    del data, weights
+                    state = {k: v for k, v in ckpt.items() if k != "model"}
+                    state["checkpoint"] = {**ckpt["checkpoint"], "weights_file": fname}
+                fname = f"{name}.pt"
+                size, digest = atomic_write(directory / fname, lambda f: torch.save(state, f))
+                files[fname] = {"size": size, "sha256": digest}
+                if model_obj is not None:
+                    fname = f"{name}.model.pt"
+                    size, digest = atomic_write(directory / fname, lambda f: torch.save(model_obj, f))
+                    files[fname] = {"size": size, "sha256": digest}
+                done = {**entry, "files": files}
+                manifest["checkpoints"] = [done if e["seq"] == entry["seq"] else e
+                                           for e in manifest["checkpoints"]]
+                manifest["last"] = done["primary"]
+                write_manifest(directory, manifest)
+            except BaseException:
+                for fname in files:  # complete but never listed: remove
+                    with contextlib.suppress(OSError):
+                        os.unlink(directory / fname)
+                raise
+            # only now, with the new checkpoint listed, delete what it replaces
+            for old in removed:
+                for fname in old.get("files") or {old["primary"]: None}:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(directory / fname)
+            if removed:
+                fsync_dir(directory)
+            return files
+
+        return write
+
+    def _finish_pending(self, loop: Loop | None, raise_errors: bool) -> None:
+        job, self._job = self._job, None
+        if job is None:
+            return
+        assert job.thread is not None
+        job.thread.join()
+        self._complete(loop, job, raise_errors)
+
+    def _complete(self, loop: Loop | None, job: _Job, raise_errors: bool) -> None:
+        if job.error is not None:
+            # the write failed: forget the new entry, keep the previous ones (still on disk)
+            failed = job.entry["primary"]
+            self._entries = [e for e in job.prev]
+            self._best = self._pick_best(self._entries)
+            msg = f"writing checkpoint {self.dirpath / failed} failed: {job.error!r}; " \
+                  f"the previous checkpoints are intact"
+            if not raise_errors:
+                log.error("hookloop.checkpoint: %s", msg)
+                return
+            errno = getattr(job.error, "errno", None)
+            err = CheckpointWriteError(errno, msg) if errno is not None else CheckpointWriteError(msg)
+            raise err from job.error
+        assert job.files is not None
+        for e in self._entries:
+            if e["seq"] == job.entry["seq"]:
+                e["files"] = job.files
+        job.stat.nbytes = sum(f["size"] for f in job.files.values())
+        path = str(self.dirpath / job.entry["primary"])
+        if self.verbose:
+            log.info("hookloop.checkpoint: saved %s (%s=%s, %.3f MB%s)", path, self.monitor,
+                     job.entry["score"], job.stat.nbytes / 1e6, ", best" if job.is_best else "")
+        if loop is not None:
+            h = loop.hooks.on_checkpoint_saved
+            if h is not None:
+                h(loop, path, dict(job.metrics), job.is_best)
+
+    # ------------------------------------------------------------------ preemption
+
+    def _preempt(self, loop: Loop, epoch_metrics: dict[str, float] | None = None) -> None:
+        signum = self._signal_pending
+        assert signum is not None
+        name = signal.Signals(signum).name
+        log.warning("hookloop.checkpoint: %s received: saving at step %d and stopping", name,
+                    loop.state.global_step)
+        self._preempted = signum
+        save_last, self.save_last = self.save_last, True  # a preemption save is always kept
+        try:
+            self._save(loop, epoch_metrics or {})
+            self._finish_pending(loop, raise_errors=True)
+        finally:
+            self.save_last = save_last
+        loop.request_stop(f"preempted by {name}")
+
+    def _agree(self, loop: Loop, time_due: bool) -> bool:
+        """All-reduce (max) of the pending signal and of a time-based save decision."""
+        import torch.distributed as tdist
+
+        if not (tdist.is_available() and tdist.is_initialized()):
+            return time_due
+        device = loop.device if tdist.get_backend() == "nccl" else torch.device("cpu")
+        flags = torch.tensor([float(self._signal_pending or 0), float(time_due)], device=device)
+        tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
+        signum, due = (int(v) for v in flags.tolist())
+        if signum and self._signal_pending is None:
+            self._signal_pending = signum
+        return bool(due)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self._signal_pending is None:
+            self._signal_pending = signum
+        prev = self._prev_handlers.get(signum)
+        if callable(prev) and prev is not signal.default_int_handler:
+            prev(signum, frame)
+
+    def _install_signals(self) -> None:
+        if not self.signals or threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.signals:
+            if signum in self._prev_handlers:
+                continue
+            self._prev_handlers[signum] = signal.signal(signum, self._handler)
+
+    def _restore_signals(self) -> None:
+        for signum, prev in self._prev_handlers.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signum, prev if prev is not None else signal.SIG_DFL)
+        self._prev_handlers = {}
+
