@@ -170,6 +170,7 @@ class Loop:
         self._val_pending: dict[str, list[Any]] = {}
         self._skip_step = False
         self._stop_epoch = False
+        self._stop_agreed = False  # DDP: a stop every rank agreed on (see _agree_stop)
         self._stepped_manual = False
         self._rng_epoch_start: dict[str, Any] | None = None
         self._resume_rng: dict[str, Any] | None = None
@@ -249,7 +250,9 @@ class Loop:
             log.info("hookloop: stop requested: %s", reason)
 
     def stop_epoch(self) -> None:
-        """End the current epoch after the current batch (validation still runs)."""
+        """End the current epoch after the current batch (validation still runs). Under
+        DDP, like :meth:`request_stop`, every rank ends the epoch at the next reduction
+        point (log interval or epoch end), at the same batch."""
         self._stop_epoch = True
 
     def skip_optimizer_step(self) -> None:
@@ -322,20 +325,26 @@ class Loop:
         ]) if names else torch.zeros(0, device=self.device)
         counts = [float(sums[n][1]) for n in names]
         if self._dist.active:
-            extra = torch.tensor([*counts, float(self.state.should_stop)], device=vec.device)
+            votes = [float(self.state.should_stop), float(self._stop_epoch)]
+            extra = torch.tensor([*counts, *votes], device=vec.device)
             both = dist.all_reduce_sum(torch.cat([vec.float(), extra]))
             values = both.tolist()
             n = len(names)
-            totals, counts, stop = values[:n], values[n:2 * n], values[2 * n]
-            self._agree_stop(stop)
+            totals, counts = values[:n], values[n:2 * n]
+            self._agree_stop(values[2 * n], values[2 * n + 1])
         else:
             totals = vec.tolist()
         return {name: t / c for name, t, c in zip(names, totals, counts, strict=True) if c}
 
-    def _agree_stop(self, stop_votes: float) -> None:
+    def _agree_stop(self, stop_votes: float, epoch_votes: float = 0.0) -> None:
+        # Under DDP a rank leaves the epoch only on an agreed stop (every rank at the
+        # same batch); a local request waits here for the next reduction.
         if stop_votes > 0 and not self.state.should_stop:
             self.state.should_stop = True
             self.state.stop_reason = "stop requested on another rank"
+        if epoch_votes > 0:
+            self._stop_epoch = True
+        self._stop_agreed = self._stop_agreed or stop_votes > 0 or epoch_votes > 0
 
     def _flush_interval(self) -> None:
         pending, self._pending = self._pending, {}
@@ -573,10 +582,10 @@ class Loop:
                 state.stop_reason = state.stop_reason or "max_steps"
                 return
             self._train_epoch()
+            metrics = self._flush_epoch()  # under DDP this also agrees on should_stop
             last = (state.max_epochs is not None and state.epoch + 1 >= state.max_epochs) or (
                 state.max_steps is not None and state.global_step >= state.max_steps
             ) or state.should_stop
-            metrics = self._flush_epoch()
             if self.val_data is not None and (
                 (state.epoch + 1) % self.val_every_n_epochs == 0 or last
             ):
@@ -612,7 +621,9 @@ class Loop:
         state.stage = "train"
         self.model.train()
         self._stop_epoch = False
+        self._stop_agreed = False
         self._flush_due = False
+        distributed = self._dist.active
         data = self.train_data
         dist.set_epoch(data, state.epoch)
         try:
@@ -649,7 +660,7 @@ class Loop:
             h = hooks.on_train_batch_start
             if h is not None:
                 h(self, batch, batch_idx)
-                if self._stop_epoch or state.should_stop:
+                if self._stop_agreed if distributed else (self._stop_epoch or state.should_stop):
                     break
             outputs = train_step(batch, batch_idx)
             state.outputs = outputs
@@ -661,7 +672,7 @@ class Loop:
             if self._flush_due:
                 self._flush_due = False
                 self._flush_interval()
-            if state.should_stop or self._stop_epoch:
+            if self._stop_agreed if distributed else (state.should_stop or self._stop_epoch):
                 break
             if state.max_steps is not None and state.global_step >= state.max_steps:
                 break
@@ -754,7 +765,8 @@ class Loop:
 
         Keys: ``format``, ``model``, ``optimizers``, ``schedulers``, ``scaler``,
         ``loop`` (counters), ``metrics_pending``, ``rng`` (one entry per rank, each
-        with ``now``, ``epoch_start`` and ``loader``), ``plugins`` (each plugin's own
+        with ``now``, ``epoch_start`` and ``loader``; under DDP also that rank's own
+        ``metrics_pending``), ``plugins`` (each plugin's own
         ``state_dict()`` under its registered name), ``hparams``; plugins may add keys
         in ``on_save_checkpoint``.
         """
@@ -768,6 +780,8 @@ class Loop:
             "epoch_start": self._rng_epoch_start,
             "loader": self._loader_state,
         }
+        if self._dist.active:  # each rank's metrics not yet reduced are its own
+            rng["metrics_pending"] = {"interval": pending, "epoch": epoch_acc}
         ranks = dist.all_gather_object(rng) if self._dist.active else [rng]
         checkpoint: dict[str, Any] = {
             "format": STATE_FORMAT,
@@ -820,14 +834,14 @@ class Loop:
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.state.load_counters(checkpoint["loop"])
-        pending = checkpoint.get("metrics_pending", {})
+        ranks = checkpoint.get("rng") or []
+        mine = ranks[self.state.rank] if self.state.rank < len(ranks) else (ranks[0] if ranks else None)
+        pending = (mine or {}).get("metrics_pending") or checkpoint.get("metrics_pending", {})
         # an interval's values come back as `count` copies of their mean
         self._pending = {n: [_from_plain(v[0], self.device) / v[1]] * int(v[1])
                          for n, v in pending.get("interval", {}).items() if v[1]}
         self._epoch_acc = {n: [_from_plain(v[0], self.device), int(v[1])]
                            for n, v in pending.get("epoch", {}).items()}
-        ranks = checkpoint.get("rng") or []
-        mine = ranks[self.state.rank] if self.state.rank < len(ranks) else (ranks[0] if ranks else None)
         if mine is not None:
             _set_rng(mine["now"])
             self._rng_epoch_start = mine.get("epoch_start")
