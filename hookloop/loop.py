@@ -19,6 +19,7 @@ from torch import nn
 from hookloop import _distributed as dist
 from hookloop.plugins import PluginManager
 from hookloop.state import LoopState
+from hookloop.tracking import mask_secrets
 
 __all__ = ["Loop", "StepFn"]
 
@@ -793,7 +794,7 @@ class Loop:
             "metrics_pending": {"interval": pending, "epoch": epoch_acc},
             "rng": ranks,
             "plugins": {},
-            "hparams": _plain_hparams(self.hparams),
+            "hparams": _plain_hparams(mask_secrets(self.hparams)),  # checkpoints get uploaded
         }
         for name, plugin in self.pm.plugin_items():
             getter = getattr(plugin, "state_dict", None)

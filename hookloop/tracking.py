@@ -100,8 +100,8 @@ class Tracker:
     """Base class of tracker plugins; see the module docstring for the guarantees.
 
     :param log_hparams: record ``loop.hparams`` (masked) once at fit start.
-    :param histogram_every_n_epochs: histograms of weights and gradients every N
-        epochs (``None``: off).
+    :param histogram_every_n_epochs: histograms of weights (at the end of every Nth
+        epoch) and gradients (at that epoch's first optimizer step); ``None``: off.
     :param queue_size: records waiting for the worker; when full, new records are
         dropped and counted (training never waits).
     :param max_failures: consecutive failed backend calls before degrading.
@@ -134,6 +134,12 @@ class Tracker:
         self.max_failures = max_failures
         self.spool_dir = Path(spool_dir) if spool_dir is not None else None
         self.close_timeout = close_timeout
+        if histogram_every_n_epochs:
+            # gradients are cleared after every step: take them once per due epoch, just
+            # before the first optimizer step. Defined per instance, so trackers without
+            # histograms implement no per-step hook at all.
+            self.on_before_optimizer_step = self._capture_grads
+        self._grads_epoch = -1
         self._queue: queue.Queue[Any] | None = None
         self._thread: threading.Thread | None = None
         self._reset_counts()
@@ -183,6 +189,7 @@ class Tracker:
 
     def _start(self, loop_info: dict[str, Any]) -> None:
         self._reset_counts()
+        self._grads_epoch = -1
         self.state = "running"
         self._queue = queue.Queue(self.queue_size)
         self._thread = threading.Thread(
@@ -370,10 +377,19 @@ class Tracker:
             step = loop.state.global_step
             for name, p in loop.module.named_parameters():
                 self._put("histogram", f"weights/{name}", p.detach().float().cpu().clone(), step)
-                if p.grad is not None:
-                    self._put("histogram", f"grads/{name}",
-                              p.grad.detach().float().cpu().clone(), step)
         self._put("flush")
+
+    def _capture_grads(self, loop: Any) -> None:
+        """Queue gradient histograms at the first optimizer step of a due epoch."""
+        epoch = loop.state.epoch
+        n = self.histogram_every_n_epochs
+        if not n or (epoch + 1) % n or self._grads_epoch == epoch:
+            return
+        self._grads_epoch = epoch
+        for name, p in loop.module.named_parameters():
+            if p.grad is not None:
+                self._put("histogram", f"grads/{name}", p.grad.detach().float().cpu().clone(),
+                          loop.state.global_step)
 
     @hookimpl
     def on_checkpoint_saved(self, path: str, metrics: Mapping[str, float], is_best: bool) -> None:

@@ -1,0 +1,174 @@
+"""The tracker base: worker thread, degrade to spool/disabled, masking, summaries.
+
+The backends here are small in-memory subclasses of ``Tracker`` (the class under test);
+the real SDK backends are tested in their own distributions."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from hookloop.testing import SyncGuard, tiny_loop
+from hookloop.tracking import MASK, Tracker, mask_secrets, mask_text
+
+
+class Memory(Tracker):
+    tracker_name = "memory"
+
+    def __init__(self, fail: set[str] = frozenset(), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.fail = set(fail)
+        self.records: list[tuple] = []
+        self.threads: set[str] = set()
+
+    def _do(self, kind: str, *args) -> None:
+        self.threads.add(threading.current_thread().name)
+        if kind in self.fail or "all" in self.fail:
+            raise ConnectionError(f"{kind}: backend down")
+        self.records.append((kind, *args))
+
+    def _backend_open(self, info):
+        self._do("open", info)
+
+    def _backend_hparams(self, params):
+        self._do("hparams", params)
+
+    def _backend_metrics(self, metrics, step):
+        self._do("metrics", metrics, step)
+
+    def _backend_text(self, name, text, step):
+        self._do("text", name, text, step)
+
+    def _backend_histogram(self, name, values, step):
+        self._do("histogram", name, step)
+
+    def _backend_close(self, status):
+        self._do("close", status)
+
+
+def test_records_on_a_worker_thread_and_closes() -> None:
+    t = Memory()
+    loop = tiny_loop([t], hparams={"batch": 8})
+    loop.fit(max_epochs=2)
+    kinds = [r[0] for r in t.records]
+    assert kinds[0] == "open" and kinds[1] == "hparams" and kinds[-1] == "close"
+    assert t.records[-1] == ("close", "success")
+    assert [r[2] for r in t.records if r[0] == "metrics"] == [4, 8, 8, 8, 12, 16, 16, 16]
+    assert t.threads == {"hookloop-memory"}
+    assert t.records[1][1]["batch"] == 8 and t.records[1][1]["optimizer"] == "SGD"
+    assert "recorded" in t.report and t.state == "closed"
+
+
+def test_crash_closes_the_run_as_failed() -> None:
+    class Crash:
+        def on_train_batch_end(self, loop):
+            if loop.state.global_step == 5:
+                raise RuntimeError("crash")
+
+    t = Memory()
+    with pytest.raises(RuntimeError):
+        tiny_loop([Crash(), t]).fit(max_epochs=2)
+    assert t.records[-1] == ("close", "failed")
+
+
+def test_failing_backend_degrades_to_disabled_and_weights_are_identical() -> None:
+    ref = tiny_loop()
+    ref.fit(max_epochs=2)
+    t = Memory(fail={"all"})
+    loop = tiny_loop([t])
+    with pytest.warns(RuntimeWarning) as warned:
+        loop.fit(max_epochs=2)
+    messages = [str(w.message) for w in warned]
+    assert sum("failed 3 times in a row" in m for m in messages) == 1
+    assert any("disabled for the rest of the run" in m for m in messages)
+    assert t.state == "disabled" and t.failed["open"] == 1 and sum(t.failed.values()) == 3
+    assert "dropped" in t.report and "ConnectionError" in t.report
+    for a, b in zip(ref.module.parameters(), loop.module.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_degrade_to_spool(tmp_path: Path) -> None:
+    t = Memory(fail={"metrics"}, max_failures=2, spool_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match="spooling the rest to"):
+        tiny_loop([t]).fit(max_epochs=2)
+    lines = [json.loads(x) for x in (tmp_path / "memory-spool.jsonl").read_text().splitlines()]
+    assert [x["args"][1] for x in lines if x["kind"] == "metrics"] == [8, 8, 12, 16, 16, 16]
+    assert lines[-1]["kind"] == "close" and lines[-1]["args"] == ["success"]
+    assert t.spooled["metrics"] == 6 and "spooled" in t.report
+
+
+def test_hanging_backend_does_not_block_training() -> None:
+    release = threading.Event()
+
+    class Hanging(Memory):
+        def _backend_open(self, info):
+            release.wait(30)
+
+    t = Hanging(close_timeout=0.2)
+    loop = tiny_loop([t])
+    with pytest.warns(RuntimeWarning, match="did not finish within 0.2s"):
+        loop.fit(max_epochs=2)
+    release.set()
+    assert loop.state.global_step == 16
+    assert t.dropped["pending"] > 0
+
+
+def test_full_queue_drops_instead_of_waiting() -> None:
+    release = threading.Event()
+
+    class Slow(Memory):
+        def _backend_open(self, info):
+            release.wait(30)
+
+    t = Slow(queue_size=2, close_timeout=0.2)
+    with pytest.warns(RuntimeWarning):
+        tiny_loop([t]).fit(max_epochs=2)
+    release.set()
+    assert sum(t.dropped.values()) > 0
+
+
+def test_histograms_of_weights_and_grads() -> None:
+    t = Memory(histogram_every_n_epochs=2)
+    tiny_loop([t]).fit(max_epochs=4)
+    hist = [(r[1], r[2]) for r in t.records if r[0] == "histogram"]
+    grads = sorted({s for n, s in hist if n.startswith("grads/")})
+    weights = sorted({s for n, s in hist if n.startswith("weights/")})
+    assert grads == [8, 24] and weights == [16, 32]  # first step of epochs 1 and 3; their ends
+    assert Memory().__dict__.get("on_before_optimizer_step") is None
+
+
+def test_no_syncs_on_steps_that_do_not_log() -> None:
+    t = Memory()
+    loop = tiny_loop([t], log_every_n_steps=4)
+    with SyncGuard(loop) as guard:
+        loop.fit(max_epochs=1)
+    assert {e.step for e in guard.events if e.stage == "train"} <= {4, 8}
+
+
+def test_masking(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-123456")
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-abcdef")
+    cfg = {"lr": 0.1, "api_token": "x", "password": "p", "nested": {"aws_secret_key": "s", "ok": 1},
+           "url": "https://u:wandb-secret-123456@host", "note": "tok-abcdef inside"}
+    masked = mask_secrets(cfg)
+    assert masked == {"lr": 0.1, "api_token": MASK, "password": MASK,
+                      "nested": {"aws_secret_key": MASK, "ok": 1},
+                      "url": f"https://u:{MASK}@host", "note": f"{MASK} inside"}
+    assert mask_text("key wandb-secret-123456") == f"key {MASK}"
+    t = Memory()
+    loop = tiny_loop([t], hparams={"api_token": "hunter2-token", "seed": 3})
+    loop.fit(max_steps=2)
+    params = t.records[1][1]
+    assert params["api_token"] == MASK and params["seed"] == 3
+    assert loop.state_dict()["hparams"]["api_token"] == MASK  # checkpoints hold no secrets
+
+
+def test_bad_options() -> None:
+    with pytest.raises(ValueError, match="histogram_every_n_epochs=0"):
+        Memory(histogram_every_n_epochs=0)
+    with pytest.raises(ValueError, match="queue_size=0"):
+        Memory(queue_size=0)
