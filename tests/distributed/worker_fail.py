@@ -1,0 +1,46 @@
+"""A failure on rank 1 mid-run: ``torchrun ... worker_fail.py OUT MODE [STEP]``.
+
+MODE ``exception``: rank 1 raises from a hook; ``sigterm``: rank 1 receives SIGTERM
+(the default action: the process dies at once, no Python cleanup). Rank 0 would train
+for a long time on its own; it must end too. Each rank writes ``started`` when
+training runs and ``finished`` only if ``fit`` returned.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch
+import torch.nn.functional as F
+from _worker_common import dump, global_batches, init, model, shard
+
+from hookloop import Loop
+from hookloop.plugins import hookimpl
+
+RANK, WORLD = init()
+MODE = sys.argv[2]
+AT_STEP = int(sys.argv[3]) if len(sys.argv) > 3 else 5
+
+
+class FailOnRank1:
+    @hookimpl
+    def on_train_batch_end(self, loop):
+        step = loop.state.global_step
+        if step == 1:
+            dump("started", {"pid": os.getpid()})
+        if loop.state.rank == 1 and step == AT_STEP:
+            if MODE == "exception":
+                raise RuntimeError(f"injected failure on rank 1 at step {step}")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+if __name__ == "__main__":
+    module = model()
+    opt = torch.optim.SGD(module.parameters(), lr=0.01)
+    data = shard(global_batches(50, 8), RANK, WORLD)
+    loop = Loop(module, opt, data, loss_fn=F.mse_loss, log_every_n_steps=10, autoload=False,
+                plugins=[FailOnRank1()])
+    loop.fit(max_epochs=1000)  # far longer than any test timeout
+    dump("finished", {"step": loop.state.global_step})
