@@ -108,12 +108,12 @@ def test_hparams_text_images_histograms_and_status(tmp_path: Path, read_events: 
     figures = acc.Images("samples/figure")
     assert [(e.step, e.width, e.height) for e in figures] == [(8, 100, 50), (16, 100, 50)]
 
-    # gradients are already cleared (set_to_none) when an epoch ends, so the base
-    # tracker has only weights to send at that point
+    # weights at each epoch's end; gradients at each epoch's first optimizer step
     for name, p in loop.module.named_parameters():
-        events = acc.Histograms(f"weights/{name}")
-        assert [e.step for e in events] == [8, 16], name
-        assert events[-1].histogram_value.num == p.numel()
+        for kind, steps in (("weights", [8, 16]), ("grads", [0, 8])):
+            events = acc.Histograms(f"{kind}/{name}")
+            assert [e.step for e in events] == steps, (kind, name)
+            assert events[-1].histogram_value.num == p.numel()
     last = acc.Histograms("weights/0.bias")[-1].histogram_value
     assert last.min == pytest.approx(loop.module[0].bias.min().item())
     assert last.max == pytest.approx(loop.module[0].bias.max().item())
