@@ -345,3 +345,16 @@ def test_per_step_hooks_not_implemented() -> None:
     pm.register(TensorBoard(log_graph=True))
     plan = pm.plan()
     assert all(plan[h] == [] for h in per_step)
+
+
+def test_best_checkpoint_is_recorded_as_text(tmp_path: Path, read_events: Any) -> None:
+    class Announce:
+        """Announces checkpoints the way the checkpoint plugin does (through the hook)."""
+
+        @hookimpl
+        def on_train_epoch_end(self, loop: Any, epoch: int) -> None:
+            loop.hooks.on_checkpoint_saved(loop, f"ckpt/epoch{epoch}.pt", {"val/loss": 0.5 - epoch / 10},
+                                           epoch == 1)
+
+    tiny_loop([Announce(), TensorBoard(tmp_path)]).fit(max_epochs=2)
+    assert _texts(read_events(tmp_path), "checkpoint/best") == [(16, "`ckpt/epoch1.pt` (val/loss=0.4)")]
