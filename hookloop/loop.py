@@ -177,6 +177,8 @@ class Loop:
         self._resume_rng: dict[str, Any] | None = None
         self._loader_state: dict[str, Any] = {}
         self._fit_running = False
+        self._flush_due = False
+        self._resume_flush = False
 
         if autoload:
             self.pm.load_autoload_plugins()
@@ -649,6 +651,9 @@ class Loop:
             if self._resume_rng is not None:
                 _set_rng(self._resume_rng)
         self._resume_rng = None
+        if self._resume_flush:
+            self._resume_flush = False
+            self._flush_interval()
         hooks = self.hooks
         device = self.device
         move = device.type != "cpu"
@@ -791,7 +796,8 @@ class Loop:
             "schedulers": [s.state_dict() for s in self.schedulers],
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "loop": self.state.counters(),
-            "metrics_pending": {"interval": pending, "epoch": epoch_acc},
+            "metrics_pending": {"interval": pending, "epoch": epoch_acc,
+                                "flush_due": self._flush_due},
             "rng": ranks,
             "plugins": {},
             "hparams": _plain_hparams(mask_secrets(self.hparams)),  # checkpoints get uploaded
@@ -843,6 +849,8 @@ class Loop:
                          for n, v in pending.get("interval", {}).items() if v[1]}
         self._epoch_acc = {n: [_from_plain(v[0], self.device), int(v[1])]
                            for n, v in pending.get("epoch", {}).items()}
+        # saved in on_train_batch_end of a logging step: that step's flush is still due
+        self._resume_flush = bool(pending.get("flush_due", False))
         if mine is not None:
             _set_rng(mine["now"])
             self._rng_epoch_start = mine.get("epoch_start")

@@ -101,7 +101,8 @@ class Tracker:
 
     :param log_hparams: record ``loop.hparams`` (masked) once at fit start.
     :param histogram_every_n_epochs: histograms of weights (at the end of every Nth
-        epoch) and gradients (at that epoch's first optimizer step); ``None``: off.
+        epoch) and gradients (at that epoch's first optimizer step, which costs one
+        host-device copy there); ``None``: off.
     :param queue_size: records waiting for the worker; when full, new records are
         dropped and counted (training never waits).
     :param max_failures: consecutive failed backend calls before degrading.
@@ -199,6 +200,7 @@ class Tracker:
         self._put("open", loop_info)
 
     def _put(self, kind: str, *args: Any) -> None:
+        """Queue a record for ``_backend_<kind>(*args)`` on the worker; never blocks."""
         q = self._queue
         if q is None or self.state in ("disabled", "closed"):
             self.dropped[kind] += 1
@@ -211,17 +213,6 @@ class Tracker:
     def _work(self) -> None:
         q = self._queue
         assert q is not None
-        handlers = {
-            "open": self._backend_open,
-            "hparams": self._backend_hparams,
-            "metrics": self._backend_metrics,
-            "text": self._backend_text,
-            "image": self._backend_image,
-            "histogram": self._backend_histogram,
-            "artifact": self._backend_artifact,
-            "flush": self._backend_flush,
-            "close": self._backend_close,
-        }
         while True:
             item = q.get()
             if item is _STOP:
@@ -230,7 +221,7 @@ class Tracker:
             kind, args = item
             try:
                 if self.state == "running":
-                    self._call(handlers[kind], kind, args)
+                    self._call(kind, args)
                 elif self.state == "spooling":
                     self._spool(kind, args)
                 else:
@@ -238,9 +229,10 @@ class Tracker:
             finally:
                 q.task_done()
 
-    def _call(self, handler: Any, kind: str, args: tuple[Any, ...]) -> None:
+    def _call(self, kind: str, args: tuple[Any, ...]) -> None:
         try:
-            handler(*args)
+            # a record of kind K is handled by _backend_K; subclasses may queue their own
+            getattr(self, f"_backend_{kind}")(*args)
         except Exception as exc:
             self.failed[kind] += 1
             self._consecutive += 1
