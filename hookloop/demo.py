@@ -362,7 +362,8 @@ def available_trackers(wanted: Sequence[str]) -> tuple[tuple[str, ...], list[str
 def make_trackers(trackers: Sequence[str], root: Path, stage: str) -> list[Any]:
     """Tracker plugin objects for one stage: TensorBoard events in
     ``root/tensorboard/<stage>``, an MLflow run in ``root/mlflow/mlflow.db``, a W&B
-    offline run in ``root/wandb``."""
+    offline run in ``root/wandb``. The checkpoints stay in the run folder only
+    (``log_checkpoints=False``: no copies in the MLflow and W&B stores)."""
     plugins: list[Any] = []
     if "tensorboard" in trackers:
         from hookloop_tensorboard import TensorBoard
@@ -374,12 +375,12 @@ def make_trackers(trackers: Sequence[str], root: Path, stage: str) -> list[Any]:
         plugins.append(MLflow(f"sqlite:///{(root / 'mlflow' / 'mlflow.db').as_posix()}",
                               experiment="hookloop-demo", run_name=stage,
                               save_dir=root / "mlflow", artifact_location=(root / "mlflow" / "artifacts")
-                              .resolve().as_uri()))
+                              .resolve().as_uri(), log_checkpoints=False))
     if "wandb" in trackers:
         from hookloop_wandb import WandB
 
         plugins.append(WandB(project="hookloop-demo", name=stage, mode="offline", dir=root,
-                             settings={"console": "off", "silent": True}))
+                             settings={"console": "off", "silent": True}, log_checkpoints=False))
     return plugins
 
 
