@@ -1,9 +1,11 @@
 """A failure on rank 1 mid-run: ``torchrun ... worker_fail.py OUT MODE [STEP]``.
 
 MODE ``exception``: rank 1 raises from a hook; ``sigterm``: rank 1 receives SIGTERM
-(the default action: the process dies at once, no Python cleanup). Rank 0 would train
+(without a handler the process dies at once, no Python cleanup). Rank 0 would train
 for a long time on its own; it must end too. Each rank writes ``started`` when
-training runs and ``finished`` only if ``fit`` returned.
+training runs and ``finished`` only if ``fit`` returned. With a fourth argument
+``ckpt`` the checkpoint plugin saves every 10 steps to ``OUT/ckpt`` (and handles
+SIGTERM as a preemption: save, stop).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _worker_common import dump, global_batches, init, model, shard
+from _worker_common import dump, global_batches, init, model, out_dir, shard
 
 from hookloop import Loop
 from hookloop.plugins import hookimpl
@@ -22,6 +24,7 @@ from hookloop.plugins import hookimpl
 RANK, WORLD = init()
 MODE = sys.argv[2]
 AT_STEP = int(sys.argv[3]) if len(sys.argv) > 3 else 5
+CKPT = len(sys.argv) > 4 and sys.argv[4] == "ckpt"
 
 
 class FailOnRank1:
@@ -40,7 +43,16 @@ if __name__ == "__main__":
     module = model()
     opt = torch.optim.SGD(module.parameters(), lr=0.01)
     data = shard(global_batches(50, 8), RANK, WORLD)
+    plugins: list = [FailOnRank1()]
+    if CKPT:
+        plugins.append(("checkpoint", {"dirpath": str(out_dir() / "ckpt"), "every_n_steps": 10,
+                                       "every_n_epochs": None, "filename": "{step}"}))
     loop = Loop(module, opt, data, loss_fn=F.mse_loss, log_every_n_steps=10, autoload=False,
-                plugins=[FailOnRank1()])
-    loop.fit(max_epochs=1000)  # far longer than any test timeout
+                plugins=plugins)
+    try:
+        loop.fit(max_epochs=1000)  # far longer than any test timeout
+    except SystemExit as exc:  # the checkpoint plugin's exit after a preemption
+        dump("preempted", {"step": loop.state.global_step, "code": exc.code,
+                           "reason": loop.state.stop_reason})
+        raise
     dump("finished", {"step": loop.state.global_step})
