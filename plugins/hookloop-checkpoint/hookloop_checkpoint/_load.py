@@ -79,7 +79,9 @@ def _torch_load(path: Path, map_location: Any) -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "Weights only load failed" in text or "Unsupported global" in text:
+        detail = next((ln.strip() for ln in text.splitlines()
+                       if "GLOBAL" in ln or "global" in ln.lower() or "Unsupported" in ln), "")
+        if "global" in detail.lower():
             hint = ""
             if path.name.endswith(".model.pt"):
                 hint = (" This is the pickled model object written by save_model=True; load it "
@@ -87,9 +89,9 @@ def _torch_load(path: Path, map_location: Any) -> Any:
             raise UnsafeCheckpointError(
                 f"{path}: refused to load: the file carries a pickle payload that "
                 f"torch.load(weights_only=True) does not allow (it could run arbitrary code); "
-                f"nothing from it was executed.{hint} Detail: {text.splitlines()[-1] if text else ''}"
+                f"nothing from it was executed.{hint} Detail: {detail}"
             ) from exc
-        raise CorruptCheckpointError(f"{path}: cannot be unpickled: {exc}") from exc
+        raise CorruptCheckpointError(f"{path}: not a readable checkpoint ({detail or exc})") from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise CheckpointNotFoundError(f"{path}: no such file") from exc

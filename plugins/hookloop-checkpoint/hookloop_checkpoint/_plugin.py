@@ -44,6 +44,7 @@ __all__ = ["Checkpoint", "CheckpointWriteError", "MonitorNotFoundError", "SaveSt
 log = logging.getLogger("hookloop.checkpoint")
 
 MODES = ("min", "max")
+LOADER_KEY = "checkpoint_loader_generators"
 FORMATS = ("torch", "safetensors")
 
 
@@ -113,6 +114,18 @@ def _cpu_copy(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(_cpu_copy(v) for v in obj)
     return obj
+
+
+def _generators(data: Any) -> dict[str, torch.Generator]:
+    """The ``torch.Generator`` objects of a DataLoader and its (batch) sampler."""
+    gens: dict[str, torch.Generator] = {}
+    candidates = (("loader", data), ("sampler", getattr(data, "sampler", None)),
+                  ("batch_sampler", getattr(getattr(data, "batch_sampler", None), "sampler", None)))
+    for name, obj in candidates:
+        gen = getattr(obj, "generator", None)
+        if isinstance(gen, torch.Generator) and all(g is not gen for g in gens.values()):
+            gens[name] = gen
+    return gens
 
 
 def _signum(sig: int | str | signal.Signals) -> int:
@@ -370,6 +383,21 @@ class Checkpoint:
         self._seq = max([self._seq, *(e.get("seq", 0) for e in known.values())])
 
     @hookimpl
+    def on_save_checkpoint(self, loop: Loop, checkpoint: dict[str, Any]) -> None:
+        """Add the current state of the data loader's generators (the core keeps only
+        their epoch-start state, which a resume at an epoch boundary does not use)."""
+        checkpoint[LOADER_KEY] = {name: gen.get_state() for name, gen in _generators(loop.train_data).items()}
+
+    @hookimpl
+    def on_load_checkpoint(self, loop: Loop, checkpoint: Mapping[str, Any]) -> None:
+        """Restore the data loader's generators, so the next epoch's shuffle is the one
+        the uninterrupted run would draw (mid-epoch, the core replays the epoch start)."""
+        states = checkpoint.get(LOADER_KEY) or {}
+        for name, gen in _generators(loop.train_data).items():
+            if name in states:
+                gen.set_state(states[name])
+
+    @hookimpl
     def on_log(self, metrics: Mapping[str, float]) -> None:
         """Remember which metrics were logged since the previous save."""
         self._fresh.update(metrics)
@@ -384,9 +412,11 @@ class Checkpoint:
         """Note that validation ran this epoch (for the missing-monitor check)."""
         self._validated = True
 
-    @hookimpl
+    @hookimpl(trylast=True)
     def on_train_batch_end(self, loop: Loop) -> None:
-        """Save every ``every_n_steps`` steps / ``every_seconds``, or when preempted."""
+        """Save every ``every_n_steps`` steps / ``every_seconds``, or when preempted;
+        runs after the other plugins' ``on_train_batch_end``, so that their state in the
+        checkpoint includes this step."""
         state = loop.state
         if not state.stepped:
             return  # never between accumulation micro-batches: gradients are not in the state

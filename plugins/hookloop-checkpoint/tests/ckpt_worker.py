@@ -45,9 +45,10 @@ def kill_harness(out: str, n: int) -> None:
     """Fork ``n`` saving children and SIGKILL each at a random moment."""
     import hookloop_checkpoint  # noqa: F401
     import torch  # imported once here; the forked children inherit it
-    from ckpt_testlib import make_loop  # noqa: F401
+    from ckpt_testlib import make_loop
 
     torch.set_num_threads(1)
+    make_loop([], width=512).fit(max_steps=1)  # pay the lazy imports once, before forking
     rnd = random.Random(int(os.environ.get("KILL_SEED", "0")))
     results = []
     for i in range(n):
