@@ -23,6 +23,8 @@ import logging
 import os
 import queue
 import re
+import shutil
+import tempfile
 import threading
 import time
 import warnings
@@ -96,6 +98,14 @@ def mask_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
 _STOP = object()
 
 
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
 class Tracker:
     """Base class of tracker plugins; see the module docstring for the guarantees.
 
@@ -114,6 +124,9 @@ class Tracker:
     hookloop_on_error = "warn"
     hookloop_after = ("summary", "checkpoint", "early_stopping")
     tracker_name = "tracker"
+    uploads_artifacts = True
+    """Whether ``_backend_artifact`` reads the file (then it gets a staged copy that
+    outlives best-k rotation) or only records the path."""
 
     def __init__(
         self,
@@ -141,6 +154,7 @@ class Tracker:
             # histograms implement no per-step hook at all.
             self.on_before_optimizer_step = self._capture_grads
         self._grads_epoch = -1
+        self._staging: Path | None = None
         self._queue: queue.Queue[Any] | None = None
         self._thread: threading.Thread | None = None
         self._reset_counts()
@@ -242,6 +256,11 @@ class Tracker:
         else:
             self.recorded[kind] += 1
             self._consecutive = 0
+        finally:
+            if kind == "artifact" and self._staging is not None and Path(args[0]).is_relative_to(
+                self._staging
+            ):  # uploaded or failed: unstage
+                shutil.rmtree(Path(args[0]).parent, ignore_errors=True)
 
     def _degrade(self) -> None:
         if self.spool_dir is not None:
@@ -300,6 +319,9 @@ class Tracker:
                 self.dropped["pending"] += q.qsize()
         if self.state == "running":
             self.state = "closed"
+        if self._staging is not None and (thread is None or not thread.is_alive()):
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
         self._queue = None
         self.report = self.summary()
         if self.failed or self.dropped or self.spooled:
@@ -386,8 +408,31 @@ class Tracker:
     @hookimpl
     def on_checkpoint_saved(self, path: str, metrics: Mapping[str, float], is_best: bool) -> None:
         """Queue the best checkpoint as an artifact."""
-        if is_best:
+        if is_best and not self.uploads_artifacts:
             self._put("artifact", str(path), dict(metrics))
+        elif is_best:
+            staged = self._stage(Path(path))
+            if staged is not None:
+                self._put("artifact", str(staged), dict(metrics))
+
+    def _stage(self, path: Path) -> Path | None:
+        """Hard-link (or copy) a checkpoint into this tracker's staging folder, so a
+        best-k rotation that deletes the file before the worker uploads it loses
+        nothing. The staged copy is removed after the upload."""
+        if self._staging is None:
+            self._staging = Path(tempfile.mkdtemp(prefix=f"hookloop-{self.tracker_name}-"))
+        target = self._staging / f"{len(list(self._staging.iterdir()))}" / path.name
+        target.parent.mkdir()
+        try:
+            if path.is_dir():
+                shutil.copytree(path, target, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(str(path), str(target))
+        except OSError as exc:
+            self.failed["artifact"] += 1
+            self.last_error = f"could not stage {path} for upload: {exc}"
+            return None
+        return target
 
     @hookimpl
     def on_fit_end(self) -> None:

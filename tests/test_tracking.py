@@ -172,3 +172,30 @@ def test_bad_options() -> None:
         Memory(histogram_every_n_epochs=0)
     with pytest.raises(ValueError, match="queue_size=0"):
         Memory(queue_size=0)
+
+
+def test_best_checkpoint_survives_rotation_until_uploaded(tmp_path: Path) -> None:
+    release = threading.Event()
+    uploaded: list[bytes] = []
+
+    class Uploader(Memory):
+        def _backend_open(self, info):
+            release.wait(30)  # a slow backend: the file is rotated away before upload
+
+        def _backend_artifact(self, path, metrics):
+            uploaded.append(Path(path).read_bytes())
+
+    class Announce:
+        def on_train_epoch_end(self, loop, epoch, metrics):
+            ckpt = tmp_path / f"epoch{epoch}.pt"
+            ckpt.write_bytes(f"weights of epoch {epoch}".encode())
+            loop.hooks.on_checkpoint_saved(loop, str(ckpt), dict(metrics), True)
+            ckpt.unlink()  # best-k rotation deletes it right away
+            if epoch == 1:
+                release.set()
+
+    t = Uploader()
+    tiny_loop([Announce(), t]).fit(max_epochs=2)
+    assert uploaded == [b"weights of epoch 0", b"weights of epoch 1"]
+    assert t.recorded["artifact"] == 2 and not t.failed
+    assert t._staging is None  # staging folder removed at close

@@ -109,6 +109,7 @@ class TensorBoard(Tracker):
 
     hookloop_name = "tensorboard"
     tracker_name = "tensorboard"
+    uploads_artifacts = False  # records the best checkpoint's path as text
 
     def __init__(
         self,

@@ -128,7 +128,8 @@ class MLflow(Tracker):
     :param params: extra params recorded with the loop's.
     :param save_dir: folder of the default SQLite store and its artifacts.
     :param artifact_location: artifact location of a newly created experiment
-        (default: ``<save_dir>/artifacts`` for the default store, else the server's).
+        (default: ``<save_dir>/artifacts`` for the default store, ``artifacts/`` beside
+        the database for any other ``sqlite:///`` URI, else the server's).
     :param log_checkpoints: upload the best checkpoint as an artifact.
     :param tracker_options: options of :class:`hookloop.tracking.Tracker`
         (``log_hparams``, ``histogram_every_n_epochs``, ``queue_size``,
@@ -261,14 +262,14 @@ class MLflow(Tracker):
             if tags:
                 client.log_batch(self.run_id, tags=[entities.RunTag(k, v) for k, v in tags.items()])
         else:
-            self.experiment_id = self._experiment_id(client, default_store)
+            self.experiment_id = self._experiment_id(client, default_store, uri)
             tags.setdefault("hookloop.world_size", str(loop_info.get("world_size", 1)))
             run = client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
             self.run_id = run.info.run_id
         self._client = client
         self._existing_params = dict(run.data.params)
 
-    def _experiment_id(self, client: Any, default_store: bool) -> str:
+    def _experiment_id(self, client: Any, default_store: bool, uri: str) -> str:
         found = client.get_experiment_by_name(self.experiment)
         if found is not None:
             if found.lifecycle_stage == "deleted":
@@ -277,6 +278,10 @@ class MLflow(Tracker):
         location = self.artifact_location
         if location is None and default_store:
             location = (self.save_dir / "artifacts").resolve().as_uri()
+        elif location is None and uri.startswith("sqlite:///"):
+            # beside the database, not in ./mlruns of whatever folder the run started in
+            db = Path(uri[len("sqlite:///"):])
+            location = (db.parent / "artifacts").resolve().as_uri()
         try:
             return str(client.create_experiment(self.experiment, artifact_location=location))
         except Exception:  # created concurrently by another process
