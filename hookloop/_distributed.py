@@ -11,7 +11,7 @@ import torch.distributed as tdist
 from torch import nn
 
 __all__ = ["DistInfo", "all_gather_object", "all_reduce_sum", "barrier", "set_epoch", "setup",
-           "wrap_model"]
+           "unwrap", "wrap_model"]
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,33 @@ def setup(mode: str | bool, device: torch.device) -> DistInfo:
     return DistInfo(True, tdist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def _is_fsdp(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # an older torch without FSDP2
+        return type(model).__name__ == "FullyShardedDataParallel"
+    return isinstance(model, (FSDPModule, FullyShardedDataParallel))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (``model`` itself otherwise)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return model.module if isinstance(model, DDP) else model
+
+
 def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Wrap ``model`` in DistributedDataParallel unless it already is."""
+    """Wrap ``model`` in DistributedDataParallel unless it already is. Sharded models
+    (FSDP) are refused: the loop's accumulation and state protocol are DDP's."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     if isinstance(model, DDP):
         return model
+    if _is_fsdp(model):
+        raise NotImplementedError(
+            "hookloop does not support FSDP models yet (gradient accumulation uses DDP's "
+            "no_sync and checkpoints hold full state dicts); see docs/distributed.md"
+        )
     if device.type == "cuda":
         return DDP(model, device_ids=[device.index if device.index is not None else 0])
     return DDP(model)

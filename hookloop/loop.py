@@ -129,8 +129,8 @@ class Loop:
         self.hooks = self.pm.hooks
 
         self.device = torch.device(device) if device is not None else _model_device(model)
-        self.module = model.to(self.device)
-        self.model: nn.Module = self.module
+        self.model: nn.Module = model.to(self.device)
+        self.module = dist.unwrap(self.model)  # the inner model of a DDP model passed in
         self.optimizers: list[torch.optim.Optimizer] = _as_list(optimizer)
         self.schedulers: list[Any] = _as_list(scheduler)
         self._check_optimizers()
@@ -162,7 +162,7 @@ class Loop:
             self.state.rank = self._dist.rank
             self.state.world_size = self._dist.world_size
             self.state.is_global_zero = self._dist.rank == 0
-            self.model = dist.wrap_model(self.module, self.device)
+            self.model = dist.wrap_model(self.model, self.device)
             self.pm.set_rank(self._dist.rank)
 
         # metrics not yet reduced: name -> list of detached tensors / floats
@@ -785,6 +785,7 @@ class Loop:
             "now": _get_rng(),
             "epoch_start": self._rng_epoch_start,
             "loader": self._loader_state,
+            "loader_now": _get_loader_state(self.train_data),
         }
         if self._dist.active:  # each rank's metrics not yet reduced are its own
             rng["metrics_pending"] = {"interval": pending, "epoch": epoch_acc}
@@ -853,6 +854,8 @@ class Loop:
         self._resume_flush = bool(pending.get("flush_due", False))
         if mine is not None:
             _set_rng(mine["now"])
+            # the loader's own generators: the next epoch's shuffle continues from here
+            _set_loader_state(self.train_data, mine.get("loader_now") or {})
             self._rng_epoch_start = mine.get("epoch_start")
             self._loader_state = mine.get("loader") or {}
             mid_epoch = self.state.epoch_batches_done and not self.state.epoch_done

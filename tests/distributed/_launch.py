@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,26 @@ import pytest
 HERE = Path(__file__).parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 LAUNCH_TIMEOUT = 120.0
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root`` (Linux /proc), children before their parents."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out: list[int] = []
+    stack = [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.insert(0, child)
+            stack.append(child)
+    return out
 
 
 def free_port() -> int:
@@ -56,13 +77,15 @@ def torchrun(script: str, out: Path, *args: str, nproc: int = 2, autoload: bool 
     cmd = [str(TORCHRUN), f"--nproc_per_node={nproc}", "--nnodes=1", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", "--max-restarts=0", "--monitor-interval=0.2",
            str(HERE / script), str(out), *args]
-    # own session, so that a hang can be ended for torchrun and its workers together
     proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=str(out), start_new_session=True)
+                            text=True, cwd=str(out))
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        # torchrun starts every worker in a session of its own: end them by pid first
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         output, _ = proc.communicate()
         pytest.fail(f"torchrun {script} {args} did not finish within {timeout:.0f}s (hang):\n"
                     f"{output[-6000:]}")

@@ -55,6 +55,13 @@ def test_logged_metrics_are_reduced_once_and_identical_on_every_rank(core: Launc
         assert _close([g[k] for k in sorted(g)], [w[k] for k in sorted(w)])
 
 
+def test_a_ddp_model_passed_in_is_used_as_is_and_saved_without_its_prefix(core: Launch) -> None:
+    for r in core.results("accepts_ddp"):
+        assert r["same_wrapper"] and r["inner"]
+        assert r["keys"] == r["ref_keys"] and not any(k.startswith("module.") for k in r["keys"])
+        assert _close(r["params"], r["ref_params"])
+
+
 def test_grad_accumulation_skips_the_allreduce_on_non_stepping_micro_batches(core: Launch) -> None:
     for r in core.results("accum"):
         # 5 micro-batches per epoch with grad_accum=2: steps after 2, 4 and 5 → 3 per epoch

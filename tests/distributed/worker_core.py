@@ -67,6 +67,23 @@ def scenario_match() -> None:
     })
 
 
+def scenario_accepts_ddp() -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    batches = global_batches(4, 8, seed=8)
+    user_ddp = DDP(model())
+    loop = _loop(user_ddp, shard(batches, RANK, WORLD), log_every_n_steps=2)
+    loop.fit(max_epochs=2)
+    ref = _loop(model(), batches, log_every_n_steps=2, distributed=False)
+    ref.fit(max_epochs=2)
+    keys = sorted(loop.state_dict()["model"])
+    dump("accepts_ddp", {
+        "same_wrapper": loop.model is user_ddp, "inner": loop.module is user_ddp.module,
+        "keys": keys, "ref_keys": sorted(ref.state_dict()["model"]),
+        "params": params(loop.module), "ref_params": params(ref.module),
+    })
+
+
 # ---------------------------------------------------------------- accumulation with no_sync
 
 
@@ -212,7 +229,7 @@ def scenario_resume() -> None:
 
 
 if __name__ == "__main__":
-    for fn in (scenario_match, scenario_accum, scenario_stop, scenario_resume):
+    for fn in (scenario_match, scenario_accepts_ddp, scenario_accum, scenario_stop, scenario_resume):
         fn()
         tdist.barrier()
     tdist.destroy_process_group()
