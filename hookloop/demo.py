@@ -362,8 +362,8 @@ def available_trackers(wanted: Sequence[str]) -> tuple[tuple[str, ...], list[str
 def make_trackers(trackers: Sequence[str], root: Path, stage: str) -> list[Any]:
     """Tracker plugin objects for one stage: TensorBoard events in
     ``root/tensorboard/<stage>``, an MLflow run in ``root/mlflow/mlflow.db``, a W&B
-    offline run in ``root/wandb``. The checkpoints stay in the run folder only
-    (``log_checkpoints=False``: no copies in the MLflow and W&B stores)."""
+    offline run in ``root/wandb``. The best checkpoint of each stage is also stored as
+    an artifact in MLflow (``root/mlflow/artifacts``) and in the W&B run."""
     plugins: list[Any] = []
     if "tensorboard" in trackers:
         from hookloop_tensorboard import TensorBoard
@@ -374,13 +374,12 @@ def make_trackers(trackers: Sequence[str], root: Path, stage: str) -> list[Any]:
 
         plugins.append(MLflow(f"sqlite:///{(root / 'mlflow' / 'mlflow.db').as_posix()}",
                               experiment="hookloop-demo", run_name=stage,
-                              save_dir=root / "mlflow", artifact_location=(root / "mlflow" / "artifacts")
-                              .resolve().as_uri(), log_checkpoints=False))
+                              save_dir=root / "mlflow"))
     if "wandb" in trackers:
         from hookloop_wandb import WandB
 
         plugins.append(WandB(project="hookloop-demo", name=stage, mode="offline", dir=root,
-                             settings={"console": "off", "silent": True}, log_checkpoints=False))
+                             settings={"console": "off", "silent": True}))
     return plugins
 
 

@@ -785,6 +785,7 @@ class Loop:
             "now": _get_rng(),
             "epoch_start": self._rng_epoch_start,
             "loader": self._loader_state,
+            "loader_now": _get_loader_state(self.train_data),
         }
         if self._dist.active:  # each rank's metrics not yet reduced are its own
             rng["metrics_pending"] = {"interval": pending, "epoch": epoch_acc}
@@ -853,6 +854,8 @@ class Loop:
         self._resume_flush = bool(pending.get("flush_due", False))
         if mine is not None:
             _set_rng(mine["now"])
+            # the loader's own generators: the next epoch's shuffle continues from here
+            _set_loader_state(self.train_data, mine.get("loader_now") or {})
             self._rng_epoch_start = mine.get("epoch_start")
             self._loader_state = mine.get("loader") or {}
             mid_epoch = self.state.epoch_batches_done and not self.state.epoch_done

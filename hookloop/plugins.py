@@ -167,7 +167,8 @@ class PluginManager(pluggy.PluginManager):
     - ``hookloop_max_failures``: consecutive failures before ``disable`` stops calling
       the plugin (default 3);
     - ``hookloop_after`` / ``hookloop_before``: names of plugins whose implementations
-      must run before / after this plugin's, for every hook both implement;
+      must run before / after this plugin's, for every hook both implement; or a
+      mapping of hook name to names to order only those hooks (``"*"``: the others);
     - ``hookloop_rank_zero_only``: call only on the global rank 0 process.
     """
 
@@ -327,7 +328,7 @@ class PluginManager(pluggy.PluginManager):
         caller = getattr(self.hook, hook_name)
         impls = list(reversed(caller.get_hookimpls()))  # pluggy's call order
         # wrappers first as pluggy runs them; keep relative order
-        impls = _declared_order(impls)
+        impls = _declared_order(impls, hook_name)
         entries = []
         for impl in impls:
             plugin = impl.plugin
@@ -474,17 +475,17 @@ def _default_name(plugin: Any) -> str:
     return type(plugin).__name__ if not inspect.isclass(plugin) else plugin.__name__
 
 
-def _declared_order(impls: list[Any]) -> list[Any]:
+def _declared_order(impls: list[Any], hook: str) -> list[Any]:
     """Reorder implementations so that ``hookloop_after``/``hookloop_before`` hold,
     keeping pluggy's order wherever no declaration says otherwise (stable Kahn sort).
     Wrappers keep their place ahead of plain implementations."""
     # wrappers keep pluggy's place around the plain implementations
     wrappers = [i for i in impls if i.wrapper or i.hookwrapper]
     plain = [i for i in impls if not (i.wrapper or i.hookwrapper)]
-    return [*_stable_topo_sort(wrappers), *_stable_topo_sort(plain)]
+    return [*_stable_topo_sort(wrappers, hook), *_stable_topo_sort(plain, hook)]
 
 
-def _stable_topo_sort(impls: list[Any]) -> list[Any]:
+def _stable_topo_sort(impls: list[Any], hook: str) -> list[Any]:
     names = [i.plugin_name for i in impls]
     if not any(
         getattr(i.plugin, "hookloop_after", None) or getattr(i.plugin, "hookloop_before", None)
@@ -495,10 +496,10 @@ def _stable_topo_sort(impls: list[Any]) -> list[Any]:
     edges: dict[str, set[str]] = {n: set() for n in names}  # a -> b: a runs before b
     for impl in impls:
         me = impl.plugin_name
-        for other in _names(getattr(impl.plugin, "hookloop_after", ())):
+        for other in _names(getattr(impl.plugin, "hookloop_after", ()), hook):
             if other in index:
                 edges[other].add(me)
-        for other in _names(getattr(impl.plugin, "hookloop_before", ())):
+        for other in _names(getattr(impl.plugin, "hookloop_before", ()), hook):
             if other in index:
                 edges[me].add(other)
     indeg = {n: 0 for n in names}
@@ -522,7 +523,11 @@ def _stable_topo_sort(impls: list[Any]) -> list[Any]:
     return [by_name[n] for n in out]
 
 
-def _names(value: Any) -> Iterable[str]:
+def _names(value: Any, hook: str) -> Iterable[str]:
+    """Plugin names from an ordering declaration: a name, a sequence of names (every
+    hook), or a mapping of hook name to names (``"*"``: every other hook)."""
+    if isinstance(value, Mapping):
+        value = value.get(hook, value.get("*", ()))
     if isinstance(value, str):
         return (value,)
     return tuple(value or ())

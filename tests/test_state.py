@@ -44,14 +44,15 @@ class Counting:
         self.seen = state["seen"]
 
 
-def make_loop(plugins=(), **kwargs) -> Loop:
+def make_loop(plugins=(), loader_kwargs=None, **kwargs) -> Loop:
+    loader_kwargs = loader_kwargs or {}
     torch.manual_seed(0)
     random.seed(0)
     np.random.seed(0)
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(80, 4, generator=gen)
     y = (x.sum(1) > 0).long() + (x[:, 0] > 1).long()
-    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, **loader_kwargs)
     model = Noisy()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
@@ -92,8 +93,13 @@ def test_state_dict_is_weights_only_loadable() -> None:
     assert state["schedulers"][0]["last_epoch"] == 1
 
 
+@pytest.mark.parametrize("own_generator", [False, True])
 @pytest.mark.parametrize("where", [{"epoch": 1}, {"step": 14}, {"step": 4}, {"step": 6}])
-def test_resume_is_bit_exact(where: dict) -> None:
+def test_resume_is_bit_exact(where: dict, own_generator: bool) -> None:
+    def make_loop(plugins):  # a loader with its own generator keeps its state too
+        gen = {"generator": torch.Generator().manual_seed(3)} if own_generator else {}
+        return globals()["make_loop"](plugins, loader_kwargs=gen)
+
     ref_rec = HookRecorder(["on_log"])
     ref = make_loop([Counting(), ref_rec])
     ref.fit(max_epochs=3)

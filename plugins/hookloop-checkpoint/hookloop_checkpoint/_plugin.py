@@ -44,7 +44,6 @@ __all__ = ["Checkpoint", "CheckpointWriteError", "MonitorNotFoundError", "SaveSt
 log = logging.getLogger("hookloop.checkpoint")
 
 MODES = ("min", "max")
-LOADER_KEY = "checkpoint_loader_generators"
 FORMATS = ("torch", "safetensors")
 
 
@@ -114,18 +113,6 @@ def _cpu_copy(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(_cpu_copy(v) for v in obj)
     return obj
-
-
-def _generators(data: Any) -> dict[str, torch.Generator]:
-    """The ``torch.Generator`` objects of a DataLoader and its (batch) sampler."""
-    gens: dict[str, torch.Generator] = {}
-    candidates = (("loader", data), ("sampler", getattr(data, "sampler", None)),
-                  ("batch_sampler", getattr(getattr(data, "batch_sampler", None), "sampler", None)))
-    for name, obj in candidates:
-        gen = getattr(obj, "generator", None)
-        if isinstance(gen, torch.Generator) and all(g is not gen for g in gens.values()):
-            gens[name] = gen
-    return gens
 
 
 def _signum(sig: int | str | signal.Signals) -> int:
@@ -381,21 +368,6 @@ class Checkpoint:
             log.warning("hookloop.checkpoint: %s holds %d checkpoint(s) this run does not track "
                         "(%s); they are left in place", self.dirpath, len(foreign), foreign[:5])
         self._seq = max([self._seq, *(e.get("seq", 0) for e in known.values())])
-
-    @hookimpl
-    def on_save_checkpoint(self, loop: Loop, checkpoint: dict[str, Any]) -> None:
-        """Add the current state of the data loader's generators (the core keeps only
-        their epoch-start state, which a resume at an epoch boundary does not use)."""
-        checkpoint[LOADER_KEY] = {name: gen.get_state() for name, gen in _generators(loop.train_data).items()}
-
-    @hookimpl
-    def on_load_checkpoint(self, loop: Loop, checkpoint: Mapping[str, Any]) -> None:
-        """Restore the data loader's generators, so the next epoch's shuffle is the one
-        the uninterrupted run would draw (mid-epoch, the core replays the epoch start)."""
-        states = checkpoint.get(LOADER_KEY) or {}
-        for name, gen in _generators(loop.train_data).items():
-            if name in states:
-                gen.set_state(states[name])
 
     @hookimpl
     def on_log(self, metrics: Mapping[str, float]) -> None:

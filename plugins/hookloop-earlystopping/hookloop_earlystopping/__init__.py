@@ -88,9 +88,11 @@ class EarlyStopping:
 
     hookloop_name = "early_stopping"
     # after the checkpoint plugin at fit end / on exception, so that "last" checkpoints
-    # hold the last weights before the best ones are restored
-    hookloop_after: tuple[str, ...] = ("checkpoint",)
-    hookloop_before: tuple[str, ...] = ()
+    # hold the last weights before the best ones are restored; on the per-step hooks the
+    # checkpoint plugin runs last, so mid-epoch checkpoints hold this plugin's step
+    hookloop_after: Mapping[str, tuple[str, ...]] = {
+        "on_fit_end": ("checkpoint",), "on_exception": ("checkpoint",)}
+    hookloop_before: Mapping[str, tuple[str, ...]] = {}
 
     def __init__(
         self,
@@ -148,8 +150,7 @@ class EarlyStopping:
         self.verbose = bool(verbose)
         if check_on == "train_epoch":
             # the epoch-end check must be in the epoch-end checkpoint
-            self.hookloop_after = ()
-            self.hookloop_before = ("checkpoint",)
+            self.hookloop_before = {"on_train_epoch_end": ("checkpoint",)}
         self._fitting = False
         self._warned_missing = False
         self._checkpoint_path: str | None = None
