@@ -126,8 +126,26 @@ def scenario_resume() -> None:
     })
 
 
+def scenario_async() -> None:
+    """Async saves: rank 0 writes in the background; every rank announces each save once
+    it is durable (after the barrier at the next save or at fit end)."""
+    out = out_dir()
+    saved = Saved()
+    opt_module = model()
+    loop = Loop(
+        opt_module, torch.optim.SGD(opt_module.parameters(), lr=0.05),
+        shard(global_batches(6, 8), RANK, WORLD), loss_fn=F.mse_loss, log_every_n_steps=2,
+        autoload=False,
+        plugins=[("checkpoint", {"dirpath": str(out / "ckpt_async"), "every_n_steps": 2,
+                                 "every_n_epochs": None, "top_k": -1, "async_save": True,
+                                 "filename": "{step}"}), saved],
+    )
+    loop.fit(max_epochs=2)
+    dump("async", {"saved": saved.saved, "files": sorted(p.name for p in (out / "ckpt_async").glob("*.pt"))})
+
+
 if __name__ == "__main__":
-    for fn in (scenario_writes, scenario_resume):
+    for fn in (scenario_writes, scenario_resume, scenario_async):
         fn()
         tdist.barrier()
     tdist.destroy_process_group()

@@ -242,7 +242,9 @@ class Checkpoint:
         self._restored = False
         self._validated = False
         self._last_save_time = time.monotonic()
-        self._signal_pending: int | None = None
+        self._remote: tuple[str, dict[str, float], bool] | None = None  # async save under DDP
+        self._signal_pending: int | None = None  # agreed by every rank: act on it
+        self._signal_local: int | None = None  # received by this process
         self._preempted: int | None = None
         self._prev_handlers: dict[int, Any] = {}
         self._warned_foreign = False
@@ -327,6 +329,7 @@ class Checkpoint:
         self._restored = False
         self._preempted = None
         self._signal_pending = None
+        self._signal_local = None
         self._last_save_time = time.monotonic()
         self._install_signals()
 
@@ -402,6 +405,8 @@ class Checkpoint:
             if state.global_step % loop.log_every_n_steps == 0:
                 time_due = self._agree(loop, self.every_seconds is not None and (
                     time.monotonic() - self._last_save_time >= self.every_seconds))
+        if state.world_size == 1 and self._signal_local is not None:
+            self._signal_pending = self._signal_local  # nobody else to agree with
         if self._signal_pending is not None and self._preempted is None:
             self._preempt(loop)
             return
@@ -415,6 +420,8 @@ class Checkpoint:
             return  # the step-boundary checkpoint is the resume point
         if loop.state.world_size > 1:
             self._agree(loop, False)
+        elif self._signal_local is not None:
+            self._signal_pending = self._signal_local
         if self._signal_pending is not None:
             self._preempt(loop, dict(metrics))
             return
@@ -447,7 +454,8 @@ class Checkpoint:
         """Make the in-flight write durable (its error is logged, the original exception
         propagates) and restore the signal handlers."""
         try:
-            self._finish_pending(loop, raise_errors=False)
+            # no barrier: the other ranks may be gone
+            self._finish_pending(loop, raise_errors=False, sync_ranks=False)
         finally:
             self._restore_signals()
 
@@ -589,6 +597,8 @@ class Checkpoint:
                     job.thread.start()
                 else:
                     job.run()
+            if self.async_save and state.world_size > 1:
+                self._remote = (stat.path, dict(entry["metrics"]), is_best)
         except BaseException:
             self._entries, self._seq, self._best = before, prev_seq, prev_best
             raise
@@ -664,13 +674,22 @@ class Checkpoint:
 
         return write
 
-    def _finish_pending(self, loop: Loop | None, raise_errors: bool) -> None:
+    def _finish_pending(self, loop: Loop | None, raise_errors: bool, sync_ranks: bool = True) -> None:
         job, self._job = self._job, None
-        if job is None:
-            return
-        assert job.thread is not None
-        job.thread.join()
-        self._complete(loop, job, raise_errors)
+        remote, self._remote = self._remote, None
+        if job is not None:
+            assert job.thread is not None
+            job.thread.join()
+        if remote is not None and loop is not None and sync_ranks:
+            # every rank marked the same async save: after this barrier rank 0's write is
+            # finished, so the other ranks can announce it too
+            loop.barrier()
+        if job is not None:
+            self._complete(loop, job, raise_errors)
+        elif remote is not None and loop is not None and sync_ranks:
+            h = loop.hooks.on_checkpoint_saved
+            if h is not None:
+                h(loop, *remote)
 
     def _complete(self, loop: Loop | None, job: _Job, raise_errors: bool) -> None:
         if job.error is not None:
@@ -724,7 +743,9 @@ class Checkpoint:
         if not (tdist.is_available() and tdist.is_initialized()):
             return time_due
         device = loop.device if tdist.get_backend() == "nccl" else torch.device("cpu")
-        flags = torch.tensor([float(self._signal_pending or 0), float(time_due)], device=device)
+        # a rank acts on a signal only once every rank knows of it (here), never on its
+        # own flag: saving alone is a collective the other ranks would not join
+        flags = torch.tensor([float(self._signal_local or 0), float(time_due)], device=device)
         tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
         signum, due = (int(v) for v in flags.tolist())
         if signum and self._signal_pending is None:
@@ -732,8 +753,8 @@ class Checkpoint:
         return bool(due)
 
     def _handler(self, signum: int, frame: Any) -> None:
-        if self._signal_pending is None:
-            self._signal_pending = signum
+        if self._signal_local is None:
+            self._signal_local = signum
         prev = self._prev_handlers.get(signum)
         if callable(prev) and prev is not signal.default_int_handler:
             prev(signum, frame)
