@@ -122,7 +122,12 @@ def compile_hook(
     """
     if not entries:
         return None
-    if any(e.impl.hookwrapper or e.impl.wrapper for e in entries):
+    wrappers = [e for e in entries if e.impl.hookwrapper or e.impl.wrapper]
+    if wrappers and all(_inline_wrapper(e) for e in wrappers):
+        plain = [e for e in entries if not e.impl.wrapper]
+        inner = _compile_plain(name, argnames, plain, firstresult) if plain else None
+        func = _compile_wrapped(name, argnames, wrappers, inner, firstresult)
+    elif wrappers:
         if hookexec is None:
             raise ValueError(f"hook {name!r} has wrappers; pass hookexec")
         func = _compile_with_pluggy(name, argnames, entries, firstresult, hookexec)
@@ -174,6 +179,76 @@ def _compile_plain(
         else:
             lines.extend("    " + b for b in body)
     lines.append("    return None" if firstresult else "    return _res")
+    src = "\n".join(lines)
+    exec(compile(src, f"<hookloop plan {name}>", "exec"), ns)
+    func = ns[name]
+    func.__hookloop_source__ = src
+    return func
+
+
+def _inline_wrapper(entry: PlanEntry) -> bool:
+    """New-style wrappers without filters or fault policies are compiled inline; the
+    rest (old-style ``hookwrapper``, guarded wrappers) go through pluggy."""
+    return bool(entry.impl.wrapper) and entry.on_failure is None and entry.once_cell is None and (
+        get_only(entry.impl) is None
+    )
+
+
+def _wrapfail(func: Any, message: str) -> RuntimeError:
+    code = getattr(func, "__code__", None)
+    where = f"{code.co_filename}:{code.co_firstlineno}" if code is not None else repr(func)
+    return RuntimeError(f"wrap_controller at {func.__name__!r} {where} {message}")
+
+
+def _compile_wrapped(
+    name: str,
+    argnames: Sequence[str],
+    wrappers: Sequence[PlanEntry],
+    inner: Callable[..., Any] | None,
+    firstresult: bool,
+) -> Callable[..., Any]:
+    """New-style wrappers around the compiled plain call, with pluggy's semantics: the
+    first wrapper in call order is the outermost; each gets the inner result through
+    ``send`` (or the inner exception through ``throw``) and returns the new result."""
+    ns: dict[str, Any] = {"_inner": inner, "_wrapfail": _wrapfail}
+    args = ", ".join(argnames)
+    lines = [f"def {name}({args}):"]
+    indent = "    "
+    for i, entry in enumerate(wrappers):
+        impl = entry.impl
+        ns[f"_w{i}"] = impl.function
+        lines += [
+            f"{indent}_g{i} = _w{i}({', '.join(impl.argnames)})",
+            f"{indent}try:",
+            f"{indent}    next(_g{i})",
+            f"{indent}except StopIteration:",
+            f"{indent}    raise _wrapfail(_w{i}, 'did not yield') from None",
+            f"{indent}try:",
+        ]
+        indent += "    "
+    if inner is not None:
+        lines.append(f"{indent}_res = _inner({args})")
+    else:
+        lines.append(f"{indent}_res = {'None' if firstresult else '[]'}")
+    for i in reversed(range(len(wrappers))):
+        indent = indent[:-4]
+        lines += [
+            f"{indent}except BaseException as _exc:",
+            f"{indent}    try:",
+            f"{indent}        _g{i}.throw(_exc)",
+            f"{indent}    except StopIteration as _stop:",
+            f"{indent}        _res = _stop.value",
+            f"{indent}    else:",
+            f"{indent}        raise _wrapfail(_w{i}, 'has second yield')",
+            f"{indent}else:",
+            f"{indent}    try:",
+            f"{indent}        _g{i}.send(_res)",
+            f"{indent}    except StopIteration as _stop:",
+            f"{indent}        _res = _stop.value",
+            f"{indent}    else:",
+            f"{indent}        raise _wrapfail(_w{i}, 'has second yield')",
+        ]
+    lines.append("    return _res")
     src = "\n".join(lines)
     exec(compile(src, f"<hookloop plan {name}>", "exec"), ns)
     func = ns[name]

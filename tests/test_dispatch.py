@@ -55,7 +55,7 @@ def _make_plugin(i: int, rng: random.Random, log: list) -> object:
     return type(f"P{i}", (), attrs)()
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(80))
 def test_compiled_equals_pluggy(seed: int) -> None:
     rng = random.Random(seed)
     log: list = []
@@ -179,3 +179,49 @@ def test_wrapper_hooks_keep_pluggy_semantics_in_the_loop() -> None:
     loop.fit(max_epochs=1)
     assert len(rec.logged()) == len(seen) // 2 > 0
     assert seen[0][0] == "before" and seen[1] == ("after", 0)
+
+
+def test_new_style_wrappers_compile_inline_and_see_exceptions() -> None:
+    log: list = []
+
+    class Outer:
+        @hookimpl(wrapper=True)
+        def on_fit_start(self, loop):
+            log.append("outer-in")
+            try:
+                return (yield)
+            except ValueError as exc:
+                log.append(f"outer-caught {exc}")
+                return ["recovered"]
+
+    class Inner:
+        @hookimpl(wrapper=True)
+        def on_fit_start(self):
+            log.append("inner-in")
+            result = yield
+            log.append("inner-out")
+            return result
+
+    class Plain:
+        def on_fit_start(self):
+            raise ValueError("boom")
+
+    pm = PluginManager()
+    for p in (Plain(), Inner(), Outer()):
+        pm.register(p)
+    assert "_hookexec" not in pm.hooks.on_fit_start.__hookloop_source__
+    assert pm.hooks.on_fit_start(None) == ["recovered"]
+    assert log == ["outer-in", "inner-in", "outer-caught boom"]
+    log.clear()
+    assert pm.hook.on_fit_start(loop=None) == ["recovered"]  # pluggy agrees
+    assert log == ["outer-in", "inner-in", "outer-caught boom"]
+
+    class NoYield:
+        @hookimpl(wrapper=True)
+        def on_fit_end(self):
+            return None
+            yield  # pragma: no cover
+
+    pm.register(NoYield())
+    with pytest.raises(RuntimeError, match="did not yield"):
+        pm.hooks.on_fit_end(None)

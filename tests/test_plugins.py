@@ -264,10 +264,10 @@ def test_failed_compilation_leaves_nothing_registered() -> None:
         def on_log(self, metrics):
             pass
 
-    class Wrap:
-        @hookimpl(wrapper=True)
+    class Wrap:  # an old-style wrapper: the hook goes through pluggy's own caller
+        @hookimpl(hookwrapper=True)
         def on_log(self):
-            return (yield)
+            yield
 
     pm = PluginManager()
     pm.register(Wrap())
