@@ -64,6 +64,10 @@ the reason. `loop.stop_epoch()` ends the current epoch after the current batch (
 | `stop_epoch()` | skipped | yes | yes | fit goes on with the next epoch |
 | exception | - | - | - | no; `on_exception` |
 
+A partial epoch ended by `max_steps` or `request_stop` counts as finished: a checkpoint
+taken at its end resumes with the next epoch. To continue the rest of that epoch later,
+checkpoint from a batch hook (the checkpoint plugin's `every_n_steps`) instead.
+
 ## Reference
 """
 

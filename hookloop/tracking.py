@@ -37,7 +37,16 @@ import torch
 
 from hookloop.plugins import hookimpl
 
-__all__ = ["MASK", "SECRET_ENV_VARS", "Tracker", "mask_secrets", "mask_text"]
+__all__ = [
+    "MASK",
+    "SECRET_ENV_VARS",
+    "Tracker",
+    "flatten_config",
+    "image_to_hwc_uint8",
+    "mask_secrets",
+    "mask_text",
+    "sdk_installed",
+]
 
 log = logging.getLogger("hookloop.tracking")
 
@@ -93,6 +102,43 @@ def mask_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
         return value
 
     return {str(k): clean(str(k), v) for k, v in config.items()}
+
+
+def flatten_config(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings flattened to ``"outer/inner"`` keys (for backends with flat
+    parameter namespaces)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_config(value, f"{name}/"))
+        else:
+            out[name] = value
+    return out
+
+
+def image_to_hwc_uint8(image: torch.Tensor) -> Any:
+    """A CHW (or HW) tensor with values in [0, 1] as an HWC (or HW, for one channel)
+    uint8 numpy array, the layout image SDKs take."""
+    img = image.detach().float().cpu()
+    if img.ndim == 2:
+        img = img.unsqueeze(0)
+    if img.ndim != 3:
+        raise ValueError(f"expected an image tensor (C, H, W); got shape {tuple(img.shape)}")
+    img = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+    if img.shape[2] == 1:
+        img = img[:, :, 0]
+    return img.numpy()
+
+
+def sdk_installed(module: str) -> bool:
+    """Whether a tracker SDK can be imported, without importing it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError, AttributeError):  # a None or broken sys.modules entry
+        return False
 
 
 _STOP = object()

@@ -199,3 +199,16 @@ def test_best_checkpoint_survives_rotation_until_uploaded(tmp_path: Path) -> Non
     assert uploaded == [b"weights of epoch 0", b"weights of epoch 1"]
     assert t.recorded["artifact"] == 2 and not t.failed
     assert t._staging is None  # staging folder removed at close
+
+
+def test_shared_backend_helpers() -> None:
+    from hookloop.tracking import flatten_config, image_to_hwc_uint8, sdk_installed
+
+    assert flatten_config({"a": 1, "b": {"c": 2, "d": {"e": "x"}}}) == {"a": 1, "b/c": 2, "b/d/e": "x"}
+    img = image_to_hwc_uint8(torch.tensor([[[0.0, 1.0]], [[0.5, 2.0]], [[-1.0, 0.25]]]))
+    assert img.shape == (1, 2, 3) and img.dtype.name == "uint8"
+    assert img[0, 1].tolist() == [255, 255, 64] and img[0, 0].tolist() == [0, 128, 0]
+    assert image_to_hwc_uint8(torch.zeros(1, 2, 2)).shape == (2, 2)
+    with pytest.raises(ValueError, match=r"got shape \(5,\)"):
+        image_to_hwc_uint8(torch.zeros(5))
+    assert sdk_installed("json") and not sdk_installed("no_such_tracker_sdk")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from hookloop.plugins import hookimpl
-from hookloop.tracking import Tracker
+from hookloop.tracking import Tracker, flatten_config
 
 __all__ = ["INSTALL_HINT", "TensorBoard", "flatten_hparams"]
 
@@ -42,11 +42,8 @@ def flatten_hparams(params: Mapping[str, Any], prefix: str = "") -> dict[str, bo
     type the TensorBoard hparams plugin accepts (bool, int, float, str; ``None`` and
     anything else become their ``str``)."""
     out: dict[str, bool | int | float | str] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten_hparams(value, f"{name}/"))
-        elif isinstance(value, (bool, int, float, str)):
+    for name, value in flatten_config(params, prefix).items():
+        if isinstance(value, (bool, int, float, str)):
             out[name] = value
         elif isinstance(value, torch.Tensor) and value.numel() == 1:
             out[name] = value.item()

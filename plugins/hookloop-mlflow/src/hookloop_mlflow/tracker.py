@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import re
@@ -14,7 +13,14 @@ from typing import Any
 import torch
 
 from hookloop.plugins import hookimpl
-from hookloop.tracking import Tracker, mask_secrets, mask_text
+from hookloop.tracking import (
+    Tracker,
+    flatten_config,
+    image_to_hwc_uint8,
+    mask_secrets,
+    mask_text,
+    sdk_installed,
+)
 
 __all__ = ["INSTALL_HINT", "MLflow"]
 
@@ -41,13 +47,6 @@ def _import_mlflow() -> Any:
     return mlflow, MlflowClient
 
 
-def _sdk_installed() -> bool:
-    try:
-        return importlib.util.find_spec("mlflow") is not None
-    except (ImportError, ValueError, AttributeError):  # a None or broken sys.modules entry
-        return False
-
-
 def _key(name: str) -> str:
     """A metric/param/tag key MLflow accepts: characters outside ``[\\w-. :/]``
     become ``_``; no leading ``/``, no ``..``."""
@@ -62,32 +61,8 @@ def _safe_uri(uri: str) -> str:
     return mask_text(re.sub(r"//[^/@]*@", "//", uri))
 
 
-def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{name}/"))
-        else:
-            out[name] = v
-    return out
-
-
 def _artifact_name(name: str) -> str:
     return "/".join(_key(part) for part in str(name).split("/") if part not in ("", ".", ".."))
-
-
-def _image_array(image: torch.Tensor) -> Any:
-    """A CHW (or HW) tensor in [0, 1] as an HWC (or HW) uint8 array."""
-    img = image.detach().float().cpu()
-    if img.ndim == 2:
-        img = img.unsqueeze(0)
-    if img.ndim != 3:
-        raise ValueError(f"expected an image tensor (C, H, W); got shape {tuple(img.shape)}")
-    img = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
-    if img.shape[2] == 1:
-        img = img[:, :, 0]
-    return img.numpy()
 
 
 class MLflow(Tracker):
@@ -153,7 +128,7 @@ class MLflow(Tracker):
         log_checkpoints: bool = True,
         **tracker_options: Any,
     ) -> None:
-        if not _sdk_installed():
+        if not sdk_installed("mlflow"):
             raise ImportError(INSTALL_HINT)
         if not experiment:
             raise ValueError("experiment must be a non-empty name")
@@ -292,7 +267,7 @@ class MLflow(Tracker):
 
     def _backend_hparams(self, params: dict[str, Any]) -> None:
         client, run_id = self._require_run()
-        merged = _flatten({**mask_secrets(self.params), **params})
+        merged = flatten_config({**mask_secrets(self.params), **params})
         Param = self._entities.Param
         batch = []
         for name, value in merged.items():
@@ -323,7 +298,7 @@ class MLflow(Tracker):
         client, run_id = self._require_run()
         path = f"images/{_artifact_name(name)}/step-{step:08d}.png"
         if isinstance(image, torch.Tensor):
-            client.log_image(run_id, _image_array(image), artifact_file=path)
+            client.log_image(run_id, image_to_hwc_uint8(image), artifact_file=path)
         else:
             client.log_figure(run_id, image, path)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import secrets
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 
 from hookloop.plugins import hookimpl
-from hookloop.tracking import Tracker, mask_secrets, mask_text
+from hookloop.tracking import Tracker, image_to_hwc_uint8, mask_secrets, mask_text, sdk_installed
 
 __all__ = ["INSTALL_HINT", "WATCH_MODES", "WandB"]
 
@@ -36,29 +35,9 @@ def _import_wandb() -> Any:
     return wandb
 
 
-def _sdk_installed() -> bool:
-    try:
-        return importlib.util.find_spec("wandb") is not None
-    except (ImportError, ValueError, AttributeError):  # a None or broken sys.modules entry
-        return False
-
-
 def _new_run_id() -> str:
     # `secrets` draws from the OS: the training RNG streams are left untouched
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))
-
-
-def _image_array(image: torch.Tensor) -> Any:
-    """A CHW (or HW) tensor in [0, 1] as an HWC uint8 array."""
-    img = image.detach().float().cpu()
-    if img.ndim == 2:
-        img = img.unsqueeze(0)
-    if img.ndim != 3:
-        raise ValueError(f"expected an image tensor (C, H, W); got shape {tuple(img.shape)}")
-    img = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
-    if img.shape[2] == 1:
-        img = img[:, :, 0]
-    return img.numpy()
 
 
 class WandB(Tracker):
@@ -132,7 +111,7 @@ class WandB(Tracker):
         init_kwargs: Mapping[str, Any] | None = None,
         **tracker_options: Any,
     ) -> None:
-        if not _sdk_installed():
+        if not sdk_installed("wandb"):
             raise ImportError(INSTALL_HINT)
         if mode is not None and mode not in ("online", "offline", "disabled"):
             raise ValueError(f"mode={mode!r}; expected 'online', 'offline', 'disabled' or None")
@@ -285,7 +264,7 @@ class WandB(Tracker):
 
     def _backend_image(self, name: str, image: Any, step: int) -> None:
         wandb = self._wandb
-        data = _image_array(image) if isinstance(image, torch.Tensor) else image
+        data = image_to_hwc_uint8(image) if isinstance(image, torch.Tensor) else image
         self._log("image", {name: wandb.Image(data)}, step)
 
     def _backend_histogram(self, name: str, values: torch.Tensor, step: int) -> None:
