@@ -164,6 +164,10 @@ class Tracker:
     :param max_failures: consecutive failed backend calls before degrading.
     :param spool_dir: where to spool records after degrading (``None``: disable).
     :param close_timeout: seconds fit waits at the end for the worker to drain.
+    :param metrics_interval: seconds the worker holds scalars to write them in one
+        backend call (``_backend_metrics_batch``); 0 writes each ``on_log`` at once.
+        Held scalars are written when the interval has passed and before the run is
+        closed (at fit end or on a crash); a process killed outright loses them.
     """
 
     hookloop_rank_zero_only = True
@@ -183,6 +187,7 @@ class Tracker:
         max_failures: int = 3,
         spool_dir: str | os.PathLike[str] | None = None,
         close_timeout: float = 30.0,
+        metrics_interval: float = 0.0,
     ) -> None:
         if histogram_every_n_epochs is not None and histogram_every_n_epochs <= 0:
             raise ValueError(f"histogram_every_n_epochs={histogram_every_n_epochs!r}; expected > 0")
@@ -194,6 +199,9 @@ class Tracker:
         self.max_failures = max_failures
         self.spool_dir = Path(spool_dir) if spool_dir is not None else None
         self.close_timeout = close_timeout
+        if metrics_interval < 0:
+            raise ValueError(f"metrics_interval={metrics_interval!r}; expected >= 0")
+        self.metrics_interval = float(metrics_interval)
         if histogram_every_n_epochs:
             # gradients are cleared after every step: take them once per due epoch, just
             # before the first optimizer step. Defined per instance, so trackers without
@@ -273,12 +281,36 @@ class Tracker:
     def _work(self) -> None:
         q = self._queue
         assert q is not None
+        batch: list[tuple[dict[str, float], int]] = []  # metrics held for one backend call
+        last = time.monotonic()
         while True:
-            item = q.get()
+            timeout = max(0.0, last + self.metrics_interval - time.monotonic()) if batch else None
+            try:
+                item = q.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            if item is None or item is _STOP or item[0] == "close" or self.state != "running":
+                if batch:  # held scalars go out before the run closes
+                    self._call_metrics(batch)
+                    for _ in batch:
+                        q.task_done()
+                    batch = []
+                    last = time.monotonic()
+                if item is None:
+                    continue
             if item is _STOP:
                 q.task_done()
                 return
             kind, args = item
+            if kind == "metrics" and self.state == "running":
+                batch.append(args)  # task_done once written
+                if time.monotonic() - last >= self.metrics_interval:
+                    self._call_metrics(batch)
+                    for _ in batch:
+                        q.task_done()
+                    batch = []
+                    last = time.monotonic()
+                continue
             try:
                 if self.state == "running":
                     self._call(kind, args)
@@ -289,19 +321,33 @@ class Tracker:
             finally:
                 q.task_done()
 
-    def _call(self, kind: str, args: tuple[Any, ...]) -> None:
+    def _call_metrics(self, batch: list[tuple[dict[str, float], int]]) -> None:
+        if len(batch) == 1:
+            self._call("metrics", batch[0])
+        else:
+            self._call("metrics_batch", (batch,), count_as="metrics", n=len(batch))
+
+    def _backend_metrics_batch(self, records: list[tuple[dict[str, float], int]]) -> None:
+        """Record several ``(metrics, step)`` at once (held for ``metrics_interval``);
+        backends with a batch API override this to make one call."""
+        for metrics, step in records:
+            self._backend_metrics(metrics, step)
+
+    def _call(self, kind: str, args: tuple[Any, ...], count_as: str | None = None, n: int = 1) -> None:
+        name = count_as or kind
         try:
             # a record of kind K is handled by _backend_K; subclasses may queue their own
             getattr(self, f"_backend_{kind}")(*args)
         except Exception as exc:
-            self.failed[kind] += 1
+            self.failed[name] += n
             self._consecutive += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
             if self._consecutive >= self.max_failures:
                 self._degrade()
         else:
-            self.recorded[kind] += 1
-            self._consecutive = 0
+            if kind != "flush":  # a flush proves nothing about the backend
+                self.recorded[name] += n
+                self._consecutive = 0
         finally:
             if kind == "artifact" and self._staging is not None and Path(args[0]).is_relative_to(
                 self._staging

@@ -212,3 +212,24 @@ def test_shared_backend_helpers() -> None:
     with pytest.raises(ValueError, match=r"got shape \(5,\)"):
         image_to_hwc_uint8(torch.zeros(5))
     assert sdk_installed("json") and not sdk_installed("no_such_tracker_sdk")
+
+
+def test_held_scalars_are_written_in_one_batch_before_close() -> None:
+    class Batching(Memory):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.batches: list[int] = []
+
+        def _backend_metrics_batch(self, records):
+            self.batches.append(len(records))
+            super()._backend_metrics_batch(records)
+
+    t = Batching(metrics_interval=60.0)
+    tiny_loop([t]).fit(max_epochs=2)
+    assert t.batches == [8]  # every on_log of the fit, in one call, before the close
+    kinds = [r[0] for r in t.records]
+    assert kinds[-1] == "close" and kinds.count("metrics") == 8
+    assert [r[2] for r in t.records if r[0] == "metrics"] == [4, 8, 8, 8, 12, 16, 16, 16]
+    assert t.recorded["metrics"] == 8 and "flush" not in t.recorded
+    with pytest.raises(ValueError, match="metrics_interval=-1"):
+        Memory(metrics_interval=-1)

@@ -213,7 +213,9 @@ class KillServerAt:
 
 
 def test_server_killed_mid_training(mlflow_env: Any, mlflow_server: Any, tmp_path: Path) -> None:
-    tracker = MLflow(mlflow_server.url, experiment=experiment_name())
+    # one backend call per on_log (no holding of scalars), so that each call meets the
+    # dead server on its own
+    tracker = MLflow(mlflow_server.url, experiment=experiment_name(), metrics_interval=0)
     killer = KillServerAt(mlflow_server, tracker, step=6)
     with pytest.warns(RuntimeWarning) as caught:
         loop, rec = run_plugin(tracker, max_epochs=2, plugins=[killer])

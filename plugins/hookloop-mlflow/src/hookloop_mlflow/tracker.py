@@ -132,6 +132,10 @@ class MLflow(Tracker):
             raise ImportError(INSTALL_HINT)
         if not experiment:
             raise ValueError("experiment must be a non-empty name")
+        # MLflow's client does its work in Python (SQLAlchemy, HTTP) on the worker thread,
+        # which competes with the training thread for the GIL: hold scalars for a few
+        # seconds and write them in one log_batch
+        tracker_options.setdefault("metrics_interval", 5.0)
         super().__init__(**tracker_options)
         self.tracking_uri = tracking_uri
         self.experiment = experiment
@@ -283,10 +287,14 @@ class MLflow(Tracker):
         self._existing_params.update({p.key: p.value for p in batch})
 
     def _backend_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._backend_metrics_batch([(metrics, step)])
+
+    def _backend_metrics_batch(self, records: list[tuple[dict[str, float], int]]) -> None:
         client, run_id = self._require_run()
         Metric = self._entities.Metric
         now = int(time.time() * 1000)
-        batch = [Metric(_key(k), float(v), now, int(step)) for k, v in metrics.items()]
+        batch = [Metric(_key(k), float(v), now, int(step)) for metrics, step in records
+                 for k, v in metrics.items()]
         for i in range(0, len(batch), _METRICS_PER_BATCH):
             client.log_batch(run_id, metrics=batch[i : i + _METRICS_PER_BATCH])
 
