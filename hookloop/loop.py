@@ -170,13 +170,15 @@ class Loop:
         self._epoch_acc: dict[str, list[Any]] = {}  # name -> [sum tensor/float, count]
         self._val_pending: dict[str, list[Any]] = {}
         self._skip_step = False
+        self._accumulated = 0  # micro-batches back-propagated since the last optimizer step
+        self._warned_partial = False
+        self.plugin_failures: list[str] = []
         self._stop_epoch = False
         self._stop_agreed = False  # DDP: a stop every rank agreed on (see _agree_stop)
         self._stepped_manual = False
         self._rng_epoch_start: dict[str, Any] | None = None
         self._resume_rng: dict[str, Any] | None = None
         self._loader_state: dict[str, Any] = {}
-        self._fit_running = False
         self._flush_due = False
         self._resume_flush = False
 
@@ -310,8 +312,9 @@ class Loop:
         tensors = [v for v in values if isinstance(v, torch.Tensor)]
         floats = [v for v in values if not isinstance(v, torch.Tensor)]
         total: Any = 0.0
-        if tensors:
-            total = torch.stack([t.reshape(()).float() for t in tensors]).sum()
+        if tensors:  # a value logged from another device is moved here, at the flush
+            total = torch.stack([t.reshape(()).float().to(self.device, non_blocking=True)
+                                 for t in tensors]).sum()
         if floats:
             total = total + sum(floats)
         return total, len(values)
@@ -418,10 +421,14 @@ class Loop:
         if h is not None:
             h(self)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
+    def optimizer_step(
+        self, optimizer: torch.optim.Optimizer | None = None, *, update_scaler: bool = True
+    ) -> bool:
         """Unscale, clip, fire ``on_before_optimizer_step``, step and zero the grads of
         ``optimizer`` (default: the first). Returns whether the step ran (a plugin may
-        skip it). Use it in manual optimisation."""
+        skip it). Use it in manual optimisation; with several optimizers and a
+        GradScaler, pass ``update_scaler=False`` to all but the last one of an iteration
+        (the scale is updated once per iteration)."""
         opt = optimizer if optimizer is not None else self.optimizers[0]
         scaler = self.scaler
         if scaler is not None:
@@ -441,7 +448,7 @@ class Loop:
                 scaler.step(opt)
             else:
                 opt.step()
-        if scaler is not None:
+        if scaler is not None and update_scaler:
             scaler.update()
         opt.zero_grad(set_to_none=True)
         self._stepped_manual |= stepped
@@ -483,7 +490,9 @@ class Loop:
                     result = self._forward_backward(batch)
             if result is None:
                 state.stepped = False
+                self._skip_step = False
                 return None
+            self._accumulated += 1
             stepped = False
             if boundary:
                 stepped = self._step_optimizers()
@@ -513,9 +522,11 @@ class Loop:
 
     def _step_optimizers(self) -> bool:
         stepped = False
-        for opt in self.optimizers:
-            stepped |= self.optimizer_step(opt)
+        last = len(self.optimizers) - 1
+        for i, opt in enumerate(self.optimizers):
+            stepped |= self.optimizer_step(opt, update_scaler=i == last)
         self._skip_step = False
+        self._accumulated = 0
         return stepped
 
     # ------------------------------------------------------------------ fit
@@ -550,7 +561,6 @@ class Loop:
         state.max_epochs, state.max_steps = max_epochs, max_steps
         state.should_stop, state.stop_reason = False, None
         self.pm.reset_run_state()
-        self._fit_running = True
         try:
             if resume is not None:
                 self.load_state_dict(resume)
@@ -566,7 +576,6 @@ class Loop:
             self._fire_exception(exc)
             raise
         finally:
-            self._fit_running = False
             state.stage = "idle"
             self._report_failures()
         return state
@@ -589,12 +598,13 @@ class Loop:
             last = (state.max_epochs is not None and state.epoch + 1 >= state.max_epochs) or (
                 state.max_steps is not None and state.global_step >= state.max_steps
             ) or state.should_stop
-            if self.val_data is not None and (
+            validated = self.val_data is not None and (
                 (state.epoch + 1) % self.val_every_n_epochs == 0 or last
-            ):
+            )
+            if validated:
                 metrics.update(self._run_validation())
             if self.scheduler_interval == "epoch":
-                self._step_epoch_schedulers(metrics)
+                self._step_epoch_schedulers(metrics, validated)
             state.epoch_done = True
             state.stage = "train"
             h = self.hooks.on_train_epoch_end
@@ -606,10 +616,12 @@ class Loop:
             if state.should_stop:
                 return
 
-    def _step_epoch_schedulers(self, metrics: Mapping[str, float]) -> None:
+    def _step_epoch_schedulers(self, metrics: Mapping[str, float], validated: bool) -> None:
         for sched in self.schedulers:
             if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 key = self.scheduler_monitor
+                if key is not None and key not in metrics and key.startswith("val/") and not validated:
+                    continue  # no validation this epoch: nothing to compare
                 if key is None or key not in metrics:
                     raise ValueError(
                         f"ReduceLROnPlateau needs scheduler_monitor naming an epoch metric; "
@@ -683,6 +695,17 @@ class Loop:
             if state.max_steps is not None and state.global_step >= state.max_steps:
                 break
         state.outputs = None
+        if self._accumulated and not self.manual_optimization:
+            # an accumulation window the epoch did not finish (a data source without
+            # len, or a stop mid-window): its gradients must not leak into the next
+            # epoch or be missing from a checkpoint, so they are dropped
+            if not self._warned_partial:
+                self._warned_partial = True
+                log.warning("hookloop: %d micro-batch(es) of an unfinished accumulation window "
+                            "dropped at the end of epoch %d", self._accumulated, state.epoch)
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            self._accumulated = 0
 
     # ------------------------------------------------------------------ validation
 
@@ -697,37 +720,40 @@ class Loop:
             raise ValueError("validate() needs val_data (given to Loop or to validate)")
         state = self.state
         previous_stage = state.stage
-        state.stage = "validate"
         was_training = self.model.training
+        hooks = self.hooks
+        state.stage = "validate"
         self.model.eval()
         self._val_pending = {}
-        hooks = self.hooks
-        h = hooks.on_validation_start
-        if h is not None:
-            h(self)
-        with torch.no_grad():
-            for batch_idx, batch in enumerate(data):
-                batch = _to_device(batch, self.device)
-                with self._autocast():
-                    if self.val_step_fn is not None:
-                        outputs = self.val_step_fn(self, batch)
-                    else:
-                        outputs = self._default_val_step(batch)
-                h = hooks.on_validation_batch_end
+        try:
+            with torch.no_grad():
+                h = hooks.on_validation_start
                 if h is not None:
-                    h(self, outputs, batch, batch_idx)
-        pending, self._val_pending = self._val_pending, {}
-        sums = {name: self._sum_count(values) for name, values in pending.items()}
-        metrics = self._reduce(sums) if (sums or self._dist.active) else {}
-        state.metrics.update(metrics)
-        h = hooks.on_validation_end
-        if h is not None:
-            h(self, dict(metrics))
-        h = hooks.on_log
-        if h is not None and metrics:
-            h(self, dict(metrics), state.global_step)
-        self.model.train(was_training)
-        state.stage = previous_stage
+                    h(self)
+                for batch_idx, batch in enumerate(data):
+                    batch = _to_device(batch, self.device)
+                    with self._autocast():
+                        if self.val_step_fn is not None:
+                            outputs = self.val_step_fn(self, batch)
+                        else:
+                            outputs = self._default_val_step(batch)
+                    h = hooks.on_validation_batch_end
+                    if h is not None:
+                        h(self, outputs, batch, batch_idx)
+            pending = self._val_pending
+            sums = {name: self._sum_count(values) for name, values in pending.items()}
+            metrics = self._reduce(sums) if (sums or self._dist.active) else {}
+            state.metrics.update(metrics)
+            h = hooks.on_validation_end
+            if h is not None:
+                h(self, dict(metrics))
+            h = hooks.on_log
+            if h is not None and metrics:
+                h(self, dict(metrics), state.global_step)
+        finally:  # also when a step or hook raises and the caller goes on
+            self._val_pending = {}
+            self.model.train(was_training)
+            state.stage = previous_stage
         return metrics
 
     def _default_val_step(self, batch: Any) -> dict[str, Any]:
@@ -752,8 +778,16 @@ class Loop:
             impl = entry.impl
             kwargs = {"loop": self, "exception": exc}
             try:
-                impl.function(*(kwargs[a] for a in impl.argnames))
-            except Exception as inner:  # never replace the original exception
+                result = impl.function(*(kwargs[a] for a in impl.argnames))
+                if impl.wrapper or impl.hookwrapper:  # drive a wrapper through its teardown
+                    next(result)
+                    try:
+                        result.send(None)
+                    except StopIteration:
+                        pass
+            except KeyboardInterrupt:
+                raise
+            except BaseException as inner:  # never replace the original exception
                 log.error("hookloop: plugin %r failed in on_exception: %r", impl.plugin_name, inner)
 
     def _report_failures(self) -> None:
@@ -845,8 +879,8 @@ class Loop:
         ranks = checkpoint.get("rng") or []
         mine = ranks[self.state.rank] if self.state.rank < len(ranks) else (ranks[0] if ranks else None)
         pending = (mine or {}).get("metrics_pending") or checkpoint.get("metrics_pending", {})
-        # an interval's values come back as `count` copies of their mean
-        self._pending = {n: [_from_plain(v[0], self.device) / v[1]] * int(v[1])
+        # an interval's values come back as its exact sum plus zeros, `count` in all
+        self._pending = {n: [_from_plain(v[0], self.device), *[0.0] * (int(v[1]) - 1)]
                          for n, v in pending.get("interval", {}).items() if v[1]}
         self._epoch_acc = {n: [_from_plain(v[0], self.device), int(v[1])]
                            for n, v in pending.get("epoch", {}).items()}

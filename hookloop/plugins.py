@@ -265,8 +265,6 @@ class PluginManager(pluggy.PluginManager):
     def unregister(self, plugin: Any = None, name: str | None = None) -> Any:
         """Unregister a plugin (by object or name) and recompile."""
         removed = super().unregister(plugin, name)
-        if name is None and removed is not None:
-            name = self.get_name(removed) if self.get_name(removed) else None
         for key in [k for k in self._policies if self.get_plugin(k) is None]:
             del self._policies[key]
         self.recompile()

@@ -13,7 +13,7 @@ Typical plugin test::
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,11 +136,14 @@ def _to_cpu(args: Any, kwargs: Any) -> bool:
                 break
     if target is None:
         return False
+    if torch.device(target).type != "cpu":
+        return False
     source = args[0] if args else None
-    # a copy to the CPU syncs; a no-op .to() on a tensor already there does not
-    return torch.device(target).type == "cpu" and isinstance(source, torch.Tensor) and (
-        source.device.type != "cpu"
-    )
+    # a copy to the CPU syncs on an accelerator. On a CPU run, an explicit .to("cpu")
+    # is counted (it would sync on a GPU run, as .cpu() is); device-agnostic code that
+    # moves a tensor to the device it is already on (e.g. to(first_device) inside
+    # clip_grad_norm_) is not
+    return isinstance(target, str) or (isinstance(source, torch.Tensor) and source.device.type != "cpu")
 
 
 @dataclass
@@ -226,16 +229,18 @@ def tiny_loop(plugins: Sequence[Any] = (), *, seed: int = 0, lr: float = 0.1, **
     """A :class:`Loop` over :func:`tiny_model` and :func:`tiny_data` with validation
     (``val/loss``, ``val/acc``), cross-entropy and SGD; ``kwargs`` go to ``Loop``."""
     torch.manual_seed(seed)
-    model = kwargs.pop("model", None) or tiny_model(seed)
+    model = kwargs.pop("model", None)
+    model = tiny_model(seed) if model is None else model
     kwargs.setdefault("val_data", tiny_data(32, 8, seed + 1))
     kwargs.setdefault("loss_fn", nn.functional.cross_entropy)
     kwargs.setdefault("val_metrics", {"acc": _accuracy})
     kwargs.setdefault("log_every_n_steps", 4)
     kwargs.setdefault("autoload", False)
-    optimizer = kwargs.pop("optimizer", None) or torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=0.9
-    )
-    train = kwargs.pop("train_data", None) or tiny_data(64, 8, seed)
+    optimizer = kwargs.pop("optimizer", None)
+    if optimizer is None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    train = kwargs.pop("train_data", None)
+    train = tiny_data(64, 8, seed) if train is None else train
     return Loop(model, optimizer, train, plugins=list(plugins), **kwargs)
 
 
@@ -253,6 +258,3 @@ def run_plugin(
     return loop, recorder
 
 
-def iter_hook_names() -> Iterator[str]:
-    """Every hook name, in the order of :mod:`hookloop.hookspecs`."""
-    return iter(HOOK_NAMES)

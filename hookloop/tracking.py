@@ -66,8 +66,8 @@ SECRET_ENV_VARS = (
     "GOOGLE_APPLICATION_CREDENTIALS",
 )
 _SECRET_KEY = re.compile(
-    r"(token|passw(or)?d|secret|api[_-]?key|apikey|access[_-]?key|private[_-]?key|credential|"
-    r"auth|^key$|_key$)",
+    r"passw(or)?d|secret|credential|^key$|"
+    r"(^|[_\-./])(api[_\-]?key|apikey|access[_\-]?key|private[_\-]?key|token|auth|auth[_\-]?token)$",
     re.IGNORECASE,
 )
 
@@ -393,14 +393,15 @@ class Tracker:
     def _finish(self, status: str) -> None:
         if self._queue is None or self.state == "closed":
             return
-        self._put("flush")
-        self._put("close", status)
         q, thread = self._queue, self._thread
         deadline = time.monotonic() + self.close_timeout
-        try:
-            q.put(_STOP, timeout=self.close_timeout)
-        except queue.Full:
-            pass
+        # wait (bounded) for room: the close record must not be dropped from a full queue
+        for record in (("flush", ()), ("close", (status,)), _STOP):
+            try:
+                q.put(record, timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Full:
+                if record is not _STOP:
+                    self.dropped[record[0]] += 1
         if thread is not None:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
@@ -511,11 +512,15 @@ class Tracker:
         """Hard-link (or copy) a checkpoint into this tracker's staging folder, so a
         best-k rotation that deletes the file before the worker uploads it loses
         nothing. The staged copy is removed after the upload."""
-        if self._staging is None:
-            self._staging = Path(tempfile.mkdtemp(prefix=f"hookloop-{self.tracker_name}-"))
-        target = self._staging / f"{len(list(self._staging.iterdir()))}" / path.name
-        target.parent.mkdir()
         try:
+            if self._staging is None:
+                # beside the checkpoints: same file system, so a hard link, not a copy
+                prefix = f".hookloop-upload-{self.tracker_name}-"
+                try:
+                    self._staging = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent.parent))
+                except OSError:
+                    self._staging = Path(tempfile.mkdtemp(prefix=prefix))
+            target = Path(tempfile.mkdtemp(dir=self._staging)) / path.name
             if path.is_dir():
                 shutil.copytree(path, target, copy_function=_link_or_copy)
             else:

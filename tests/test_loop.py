@@ -227,7 +227,10 @@ def test_sync_guard_sees_a_sync() -> None:
         float(t[0])
         t.tolist()
         t.numpy()
-    assert [e.op for e in guard.events] == ["__bool__", "__float__", "tolist", "numpy"]
+        t.to("cpu")
+        t.to(device="cpu")
+        t.to(t.device)  # device-agnostic code moving a tensor where it already is
+    assert [e.op for e in guard.events] == ["__bool__", "__float__", "tolist", "numpy", "to", "to"]
 
 
 def test_log_reduces_means_per_interval_and_epoch() -> None:
@@ -324,3 +327,81 @@ def test_hookimpl_marked_and_plain_methods_both_work() -> None:
 
     tiny_loop([Marked(), Plain()]).fit(max_steps=1)
     assert seen == ["plain", "marked"]
+
+
+def test_plateau_scheduler_with_validation_every_other_epoch() -> None:
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+    loop = tiny_loop(model=model, optimizer=opt, scheduler=plateau, scheduler_monitor="val/loss",
+                     val_every_n_epochs=2)
+    loop.fit(max_epochs=4)  # epochs 0 and 2 have no validation: the scheduler waits
+    assert plateau.last_epoch == 2
+
+
+def test_unfinished_accumulation_window_is_dropped_at_epoch_end(caplog: pytest.LogCaptureFixture) -> None:
+    grads_at_epoch_end = []
+
+    class Probe:
+        def on_train_epoch_end(self, loop):
+            grads_at_epoch_end.append([p.grad for p in loop.module.parameters()])
+
+    data = tiny_data(64, 8)
+    loop = tiny_loop([Probe()], train_data=OncePerEpoch(data), grad_accum=3)
+    loop.fit(max_epochs=2)  # 8 batches, no len: windows of 3, 3 and an unfinished 2
+    assert loop.state.global_step == 4
+    assert all(g is None for grads in grads_at_epoch_end for g in grads)
+    assert "2 micro-batch(es) of an unfinished accumulation window dropped" in caplog.text
+
+
+class OncePerEpoch:
+    """An iterable without len(), like a streaming dataset."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_validation_hooks_see_no_grad_and_a_failed_validation_restores_the_loop() -> None:
+    seen = []
+
+    class Probe:
+        def on_validation_start(self):
+            seen.append(torch.is_grad_enabled())
+
+    def bad_val_step(loop, batch):
+        loop.log("val/x", 1.0)
+        raise RuntimeError("val broke")
+
+    loop = tiny_loop([Probe()], val_step_fn=bad_val_step)
+    with pytest.raises(RuntimeError, match="val broke"):
+        loop.validate()
+    assert seen == [False]
+    assert loop.module.training and loop.state.stage == "idle"
+    loop.log("train/y", 1.0)
+    assert "train/y" in loop._pending and not loop._val_pending
+
+
+def test_on_exception_wrappers_run_and_a_plugin_exit_does_not_replace_the_crash() -> None:
+    calls = []
+
+    class Wrap:
+        @hookimpl(wrapper=True)
+        def on_exception(self, exception):
+            calls.append(("before", str(exception)))
+            yield
+            calls.append("after")
+
+    class Exits:
+        def on_exception(self):
+            raise SystemExit(3)
+
+    class Crash:
+        def on_train_batch_start(self):
+            raise RuntimeError("original")
+
+    with pytest.raises(RuntimeError, match="original"):
+        tiny_loop([Wrap(), Exits(), Crash()]).fit(max_epochs=1)
+    assert calls == [("before", "original"), "after"]

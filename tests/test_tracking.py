@@ -233,3 +233,43 @@ def test_held_scalars_are_written_in_one_batch_before_close() -> None:
     assert t.recorded["metrics"] == 8 and "flush" not in t.recorded
     with pytest.raises(ValueError, match="metrics_interval=-1"):
         Memory(metrics_interval=-1)
+
+
+def test_staging_survives_many_uploads_and_close_is_never_dropped(tmp_path: Path) -> None:
+    uploaded: list[str] = []
+
+    class Uploader(Memory):
+        def _backend_artifact(self, path, metrics):
+            uploaded.append(Path(path).read_text())
+
+    class Announce:
+        def on_train_epoch_end(self, loop, epoch, metrics):
+            ckpt = tmp_path / "ckpt" / f"e{epoch}.pt"
+            ckpt.parent.mkdir(exist_ok=True)
+            ckpt.write_text(str(epoch))
+            loop.hooks.on_checkpoint_saved(loop, str(ckpt), dict(metrics), True)
+            ckpt.unlink()
+            assert loop.get_plugin("Uploader").wait(10)  # each upload done before the next
+
+    t = Uploader()
+    tiny_loop([Announce(), t]).fit(max_epochs=4)
+    assert uploaded == ["0", "1", "2", "3"] and not t.failed
+    assert not list(tmp_path.glob(".hookloop-upload-*"))  # staged beside, then removed
+
+    release = threading.Event()
+
+    class Slow(Memory):
+        def _backend_metrics(self, metrics, step):
+            release.wait(0.05)
+            super()._backend_metrics(metrics, step)
+
+    slow = Slow(queue_size=2)
+    tiny_loop([slow], log_every_n_steps=1).fit(max_epochs=1)
+    assert slow.records[-1] == ("close", "success")  # the queue was full; close still went
+
+
+def test_masking_leaves_ordinary_names_alone() -> None:
+    masked = mask_secrets({"max_tokens": 512, "author": "ada", "sort_key": "x", "db_password": "p",
+                           "auth": "a", "github_token": "t"})
+    assert masked == {"max_tokens": 512, "author": "ada", "sort_key": "x", "db_password": MASK,
+                      "auth": MASK, "github_token": MASK}
