@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from hookloop.testing import find_in_files
+
 
 @dataclass
 class MlflowEnv:
@@ -38,13 +40,7 @@ class MlflowEnv:
     def grep_secrets(self, *roots: Path) -> list[str]:
         """``file: secret`` for every fake secret found in a file under the store and
         ``roots``."""
-        hits = []
-        for root in (self.store_dir, *roots):
-            for path in root.rglob("*"):
-                if path.is_file():
-                    data = path.read_bytes()
-                    hits += [f"{path}: {s}" for s in self.secrets if s.encode() in data]
-        return hits
+        return find_in_files([self.store_dir, *roots], self.secrets)
 
 
 @pytest.fixture(scope="session")

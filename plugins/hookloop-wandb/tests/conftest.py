@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from hookloop.testing import find_in_files
+
 
 @dataclass
 class WandbEnv:
@@ -25,13 +27,7 @@ class WandbEnv:
     def grep_secrets(self, *roots: Path) -> list[str]:
         """``file: secret`` for every fake secret found in a file under ``root`` and
         ``roots``."""
-        hits = []
-        for root in (self.root, *roots):
-            for path in root.rglob("*"):
-                if path.is_file():
-                    data = path.read_bytes()
-                    hits += [f"{path}: {s}" for s in self.secrets if s.encode() in data]
-        return hits
+        return find_in_files([self.root, *roots], self.secrets)
 
 
 @pytest.fixture(scope="session")
