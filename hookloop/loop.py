@@ -262,7 +262,9 @@ class Loop:
 
     def skip_optimizer_step(self) -> None:
         """Skip the optimizer step of the current batch (call from
-        ``on_before_optimizer_step`` or earlier); gradients are zeroed."""
+        ``on_before_optimizer_step`` or earlier); gradients are zeroed. Under DDP the
+        decision must be the same on every rank (base it on reduced values), since the
+        step count decides when ranks meet for the metric reduction."""
         self._skip_step = True
 
     def barrier(self) -> None:
