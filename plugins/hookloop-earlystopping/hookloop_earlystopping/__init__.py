@@ -144,6 +144,10 @@ class EarlyStopping:
         self.restore_best_weights = bool(restore_best_weights)
         self.check_on = check_on
         self.on_nonfinite = on_nonfinite
+        if on_nonfinite != "stop":
+            # a per-step hook only when it has work to do: with "stop" the plugin adds
+            # no call to the step
+            self.on_before_optimizer_step = self._check_gradients
         self.rollback_source = rollback_source
         self.max_nonfinite = max_nonfinite
         self.strict = bool(strict)
@@ -246,11 +250,10 @@ class EarlyStopping:
         if self._fitting and self.check_on == "train_epoch":
             self._check(loop, metrics)
 
-    @hookimpl
-    def on_before_optimizer_step(self, loop: Loop, optimizer: torch.optim.Optimizer) -> None:
-        """With ``on_nonfinite`` ``"skip_batch"``/``"rollback"``: skip steps whose
-        gradients are not finite (and roll back)."""
-        if self.on_nonfinite == "stop" or loop.scaler is not None:
+    def _check_gradients(self, loop: Loop, optimizer: torch.optim.Optimizer) -> None:
+        """``on_before_optimizer_step`` with ``on_nonfinite`` ``"skip_batch"`` or
+        ``"rollback"``: skip steps whose gradients are not finite (and roll back)."""
+        if loop.scaler is not None:  # the GradScaler already skips non-finite steps
             return
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not grads:

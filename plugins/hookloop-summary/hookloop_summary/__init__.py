@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from hookloop import only
 from hookloop.plugins import hookimpl
 
 if TYPE_CHECKING:
@@ -381,8 +382,9 @@ class Summary:
             self._pending = True
 
     @hookimpl
+    @only(once=True)  # the compiled plan drops the call after the first batch of a fit
     def on_train_batch_start(self, loop: Loop, batch: Any, batch_idx: int) -> None:
-        """Summarise on the first batch's input (once)."""
+        """Summarise on the first batch's input (once per fit)."""
         if self._pending:
             self._pending = False
             try:
