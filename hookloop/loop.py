@@ -289,6 +289,9 @@ class Loop:
             value = float(value)
         else:
             raise TypeError(f"loop.log({name!r}): expected a tensor or a number; got {value!r}")
+        self._record(name, value)
+
+    def _record(self, name: str, value: torch.Tensor | float) -> None:
         bucket = self._val_pending if self.state.stage == "validate" else self._pending
         values = bucket.get(name)
         if values is None:
@@ -464,9 +467,7 @@ class Loop:
                 "the default step expects batches (input, target, ...); got "
                 f"{type(batch).__name__}; pass step_fn for other batch layouts"
             )
-        loss = self.loss_fn(self.model(batch[0]), batch[1])  # type: ignore[misc]
-        self.log("train/loss", _checked_loss(loss))
-        return loss
+        return self.loss_fn(self.model(batch[0]), batch[1])  # type: ignore[misc]
 
     def _train_step(self, batch: Any, batch_idx: int) -> Any:
         """Run one batch; returns the outputs that ``on_train_batch_end`` receives."""
@@ -498,7 +499,13 @@ class Loop:
             stepped = False
             if boundary:
                 stepped = self._step_optimizers()
-            outputs = {"loss": result.detach()} if isinstance(result, torch.Tensor) else result
+            if isinstance(result, torch.Tensor):
+                loss = result.detach()
+                outputs = {"loss": loss}
+                if self.step_fn is None:
+                    self._record("train/loss", loss)
+            else:
+                outputs = result
         state.stepped = stepped
         if stepped:
             state.global_step += 1
