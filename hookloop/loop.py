@@ -357,7 +357,9 @@ class Loop:
             self._stop_epoch = True
         self._stop_agreed = self._stop_agreed or stop_votes > 0 or epoch_votes > 0
 
-    def _flush_interval(self) -> None:
+    def _take_pending(self) -> dict[str, tuple[Any, int]]:
+        """Sum the values logged since the last flush (no sync) and add them to the
+        epoch's running sums."""
         pending, self._pending = self._pending, {}
         sums = {name: self._sum_count(values) for name, values in pending.items()}
         for name, (total, count) in sums.items():
@@ -367,21 +369,15 @@ class Loop:
             else:
                 acc[0] = acc[0] + total
                 acc[1] += count
-        if not sums and not self._dist.active:
-            return
-        metrics = self._reduce(sums)
-        self._emit(metrics)
+        return sums
+
+    def _flush_interval(self) -> None:
+        sums = self._take_pending()
+        if sums or self._dist.active:  # under DDP every rank joins the reduction
+            self._emit(self._reduce(sums))
 
     def _flush_epoch(self) -> dict[str, float]:
-        pending, self._pending = self._pending, {}
-        for name, values in pending.items():
-            total, count = self._sum_count(values)
-            acc = self._epoch_acc.get(name)
-            if acc is None:
-                self._epoch_acc[name] = [total, count]
-            else:
-                acc[0] = acc[0] + total
-                acc[1] += count
+        self._take_pending()
         sums = {f"{name}_epoch": (acc[0], acc[1]) for name, acc in self._epoch_acc.items()}
         self._epoch_acc = {}
         metrics = self._reduce(sums) if (sums or self._dist.active) else {}
@@ -880,7 +876,12 @@ class Loop:
             raise ValueError(f"checkpoint has {len(opts)} optimizer states; loop has {len(self.optimizers)}")
         for opt, sd in zip(self.optimizers, opts, strict=True):
             opt.load_state_dict(sd)
-        for sched, sd in zip(self.schedulers, checkpoint.get("schedulers", []), strict=False):
+        scheds = checkpoint.get("schedulers", [])
+        if len(scheds) != len(self.schedulers):
+            raise ValueError(
+                f"checkpoint has {len(scheds)} scheduler states; loop has {len(self.schedulers)}"
+            )
+        for sched, sd in zip(self.schedulers, scheds, strict=True):
             sched.load_state_dict(sd)
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
