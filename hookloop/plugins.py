@@ -286,6 +286,11 @@ class PluginManager(pluggy.PluginManager):
         if entry.error:
             raise PluginError(f"plugin {spec!r} failed to import: {entry.error}")
         obj = entry.obj
+        if self.get_plugin(spec) is not None:  # already enabled: build nothing new
+            if options:
+                raise PluginError(f"plugin {spec!r} is already registered; options {dict(options)} "
+                                  "would be ignored")
+            return spec
         if inspect.ismodule(obj) or not callable(obj):
             if options:
                 raise PluginError(f"plugin {spec!r} is always-on and takes no options")
@@ -295,7 +300,7 @@ class PluginManager(pluggy.PluginManager):
                 plugin = obj(**dict(options or {}))
             except TypeError as exc:
                 raise PluginError(f"plugin {spec!r}: bad options {dict(options or {})}: {exc}") from exc
-        if self.get_plugin(spec) is not None or self.is_registered(plugin):
+        if self.is_registered(plugin):  # an always-on module registered by autoload
             return self.get_name(plugin) or spec
         return self.register(plugin, spec)
 

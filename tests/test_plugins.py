@@ -307,3 +307,12 @@ def test_switch_values_that_mean_off(value: str, monkeypatch: pytest.MonkeyPatch
     with pytest.warns(RuntimeWarning, match="fake_broken"):
         loop = Loop(tiny_model(), None, None)
     assert loop.get_plugin("fake_always") is not None
+
+
+def test_loading_a_registered_name_again(fake_dist: Path) -> None:
+    with pytest.warns(RuntimeWarning, match="fake_broken"):
+        loop = Loop(tiny_model(), None, None, plugins=[("fake", {"scale": 2.0})], autoload=False)
+    first = loop.get_plugin("fake")
+    assert loop.add_plugins(["fake"]) == ["fake"] and loop.get_plugin("fake") is first
+    with pytest.raises(PluginError, match=r"'fake' is already registered; options \{'scale': 5.0\}"):
+        loop.add_plugins([("fake", {"scale": 5.0})])
