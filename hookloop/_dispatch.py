@@ -2,25 +2,32 @@
 
 pluggy's ``HookCaller`` walks its implementations on every call (about 1 us with none
 and 0.35 us per implementation). The loop fires several hooks per step, so for each hook
-this module generates a plain Python function that calls the implementations in
-pluggy's order with the arguments each one asked for, applies frequency filters and
-fault policies inline, and returns what pluggy would return. A hook nobody implements
-compiles to ``None`` and the loop skips it without a call. Hooks with wrappers are
-delegated to pluggy's own ``_hookexec`` so their semantics stay pluggy's.
+this module generates a plain Python function that calls the implementations in plan
+order, by keyword, with the arguments each one asked for; applies frequency filters and
+fault policies inline; drives wrappers (``wrapper=True`` and old-style
+``hookwrapper=True``) around the plain calls; and returns what pluggy would return. A
+hook nobody implements compiles to ``None`` and the loop skips it without a call.
+
+Every hook goes through this one generator. The generated source is registered in
+:mod:`linecache`, so tracebacks through a plan show its lines.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import linecache
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pluggy import HookImpl
+from pluggy import HookImpl, Result
 
-__all__ = ["Only", "PlanEntry", "compile_hook", "only"]
+__all__ = ["Only", "PlanEntry", "call_argnames", "compile_hook", "get_only", "only"]
 
 ONLY_ATTR = "_hookloop_only"
+_MAX_NESTED_WRAPPERS = 5  # more wrappers go to an inner plan (Python limits nested blocks)
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,7 @@ def only(
     ``every_n_steps=N`` runs when ``global_step % N == 0``; ``every_n_epochs=N`` runs on
     epochs N-1, 2N-1, ... (every Nth epoch); ``once`` runs the first time only (per fit);
     ``from_step``/``until_step`` bound the global step (from inclusive, until exclusive).
-    Combine with ``@hookimpl`` in any order.
+    Combine with ``@hookimpl`` in any order; it applies to wrappers too.
     """
     for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
         if value is not None and (not isinstance(value, int) or value <= 0):
@@ -87,21 +94,50 @@ def get_only(impl: HookImpl) -> Only | None:
     return getattr(func, ONLY_ATTR, None)
 
 
+def call_argnames(func: Callable[..., Any]) -> tuple[str, ...]:
+    """The arguments a plan passes to ``func``, by keyword: its parameters without a
+    default (positional-or-keyword or keyword-only), ``self`` excluded. Parameters with
+    a default are not passed, as in pluggy.
+
+    Raises ``TypeError`` naming the parameter for what a keyword call cannot fill:
+    positional-only parameters, ``*args`` and ``**kwargs``.
+    """
+    try:
+        params = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"cannot read its signature: {exc}") from None
+    if params and params[0].name == "self" and "." in getattr(func, "__qualname__", ""):
+        params = params[1:]  # an unbound method, as pluggy treats it
+    names = []
+    for p in params:
+        if p.kind is p.POSITIONAL_ONLY:
+            raise TypeError(f"parameter {p.name!r} is positional-only; hooks are called by keyword")
+        if p.kind is p.VAR_POSITIONAL:
+            raise TypeError(f"parameter '*{p.name}' is not allowed; name the arguments you need")
+        if p.kind is p.VAR_KEYWORD:
+            raise TypeError(f"parameter '**{p.name}' is not allowed; name the arguments you need")
+        if p.default is p.empty:
+            names.append(p.name)
+    return tuple(names)
+
+
 @dataclass
 class PlanEntry:
     """One implementation in a hook's call plan, with its fault handling.
 
-    ``on_failure(exc)`` is called when the implementation raises an ``Exception`` under
-    a non-raising policy; ``None`` means the exception propagates. ``on_success`` (if
-    set) is called after each successful call (used to reset consecutive-failure
-    counts). ``once_cell`` is a one-element list whose truth says the ``once`` call is
-    still pending.
+    ``argnames`` are the arguments passed by keyword (``None``: computed from the
+    function with :func:`call_argnames`). ``on_failure(exc)`` is called when the
+    implementation raises an ``Exception`` under a non-raising policy; ``None`` means
+    the exception propagates. ``on_success`` (if set) is called after each successful
+    call (used to reset consecutive-failure counts). ``once_cell`` is a one-element list
+    whose truth says the ``once`` call is still pending.
     """
 
     impl: HookImpl
     on_failure: Callable[[BaseException], None] | None = None
     on_success: Callable[[], None] | None = None
     once_cell: list[bool] | None = None
+    argnames: tuple[str, ...] | None = None
 
 
 def compile_hook(
@@ -110,10 +146,10 @@ def compile_hook(
     entries: Sequence[PlanEntry],
     *,
     firstresult: bool = False,
-    hookexec: Callable[..., Any] | None = None,
     trace: bool = False,
 ) -> Callable[..., Any] | None:
-    """Compile the call plan of one hook; ``entries`` are in call order.
+    """Compile the call plan of one hook; ``entries`` are in call order (wrappers, which
+    come first in a plan, nest: the first is the outermost).
 
     The returned function takes the spec's arguments (positionally or by keyword) and
     returns what pluggy returns: a list of non-``None`` results, or the first
@@ -122,203 +158,221 @@ def compile_hook(
     """
     if not entries:
         return None
-    wrappers = [e for e in entries if e.impl.hookwrapper or e.impl.wrapper]
-    if wrappers and all(_inline_wrapper(e) for e in wrappers):
-        plain = [e for e in entries if not e.impl.wrapper]
-        inner = _compile_plain(name, argnames, plain, firstresult) if plain else None
-        func = _compile_wrapped(name, argnames, wrappers, inner, firstresult)
-    elif wrappers:
-        if hookexec is None:
-            raise ValueError(f"hook {name!r} has wrappers; pass hookexec")
-        func = _compile_with_pluggy(name, argnames, entries, firstresult, hookexec)
-    else:
-        func = _compile_plain(name, argnames, entries, firstresult)
+    func = _build(name, tuple(argnames), list(entries), firstresult)
     if trace:
         func = _traced(name, entries, func)
     return func
 
 
-def _compile_plain(
-    name: str, argnames: Sequence[str], entries: Sequence[PlanEntry], firstresult: bool
+def _is_wrapper(entry: PlanEntry) -> bool:
+    return bool(entry.impl.wrapper or entry.impl.hookwrapper)
+
+
+def _build(
+    name: str, argnames: tuple[str, ...], entries: list[PlanEntry], firstresult: bool
 ) -> Callable[..., Any]:
-    ns: dict[str, Any] = {}
+    ns: dict[str, Any] = {"_finish": _finish, "_wrapfail": _wrapfail}
+    wrappers = [e for e in entries if _is_wrapper(e)]
+    plain = [e for e in entries if not _is_wrapper(e)]
+    outer, deeper = wrappers[:_MAX_NESTED_WRAPPERS], wrappers[_MAX_NESTED_WRAPPERS:]
+    if deeper:
+        ns["_inner"] = _build(name, argnames, deeper + plain, firstresult)
+        body = [f"_res = _inner({', '.join(argnames)})"]
+    else:
+        body = ["_res = None" if firstresult else "_res = []"]
+        for i, entry in enumerate(plain):
+            body += _plain_lines(i, entry, argnames, ns, firstresult)
+    for i in reversed(range(len(outer))):
+        body = _wrapper_lines(i, outer[i], argnames, ns, body)
     lines = [f"def {name}({', '.join(argnames)}):"]
-    if not firstresult:
-        lines.append("    _res = []")
-    needs_state = any(get_only(e.impl) for e in entries)
-    if needs_state:
+    if any(_condition(e) for e in outer + ([] if deeper else plain)):
+        if "loop" not in argnames:
+            raise TypeError(f"hook {name!r}: a frequency filter needs the hook's 'loop' argument")
         lines.append("    _st = loop.state")
-    for i, entry in enumerate(entries):
-        impl = entry.impl
-        ns[f"_f{i}"] = impl.function
-        call = f"_r = _f{i}({', '.join(impl.argnames)})"
-        body = [call]
-        if firstresult:
-            body.append("if _r is not None: return _r")
-        else:
-            body.append("if _r is not None: _res.append(_r)")
-        if entry.on_failure is not None:
-            ns[f"_fail{i}"] = entry.on_failure
-            wrapped = ["try:", *("    " + b for b in body[:1]), "except Exception as _e:",
-                       f"    _fail{i}(_e)"]
-            if entry.on_success is not None:
-                ns[f"_ok{i}"] = entry.on_success
-                wrapped += ["else:", f"    _ok{i}()", *("    " + b for b in body[1:])]
+    lines += ["    " + line for line in body]
+    lines.append("    return _res")
+    return _define(name, "\n".join(lines) + "\n", ns)
+
+
+def _call(prefix: str, i: int, entry: PlanEntry, argnames: tuple[str, ...], ns: dict[str, Any]) -> str:
+    """``_f3(loop=loop, batch=batch)``: the keyword call of one implementation."""
+    names = entry.argnames if entry.argnames is not None else call_argnames(entry.impl.function)
+    extra = [a for a in names if a not in argnames]
+    if extra:
+        raise TypeError(
+            f"{entry.impl.plugin_name}: argument(s) {extra} are not in the hook's spec {list(argnames)}"
+        )
+    ns[f"{prefix}{i}"] = entry.impl.function
+    return f"{prefix}{i}({', '.join(f'{a}={a}' for a in names)})"
+
+
+def _condition(entry: PlanEntry) -> str:
+    only_spec = get_only(entry.impl)
+    return only_spec.condition("_st") if only_spec else ""
+
+
+def _gate(i: int, entry: PlanEntry, ns: dict[str, Any], extra: str = "") -> tuple[str, list[str]]:
+    """The ``if`` condition guarding one entry (filters, ``once``) and the lines that run
+    first under it."""
+    conds = [c for c in (extra, _condition(entry)) if c]
+    first = []
+    if entry.once_cell is not None:
+        ns[f"_once{i}"] = entry.once_cell
+        conds.append(f"_once{i}[0]")
+        first.append(f"_once{i}[0] = False")
+    return " and ".join(conds), first
+
+
+def _indent(lines: list[str]) -> list[str]:
+    return ["    " + line for line in lines]
+
+
+def _plain_lines(
+    i: int, entry: PlanEntry, argnames: tuple[str, ...], ns: dict[str, Any], firstresult: bool
+) -> list[str]:
+    call = _call("_f", i, entry, argnames, ns)
+    if firstresult:
+        run, keep = [f"_res = {call}"], []
+    else:
+        run, keep = [f"_r = {call}"], ["if _r is not None: _res.append(_r)"]
+    if entry.on_failure is not None:
+        ns[f"_fail{i}"] = entry.on_failure
+        ok = []
+        if entry.on_success is not None:
+            ns[f"_ok{i}"] = entry.on_success
+            ok = [f"_ok{i}()"]
+        after = ok + keep
+        body = ["try:", *_indent(run), "except Exception as _e:", f"    _fail{i}(_e)"]
+        if after:
+            body += ["else:", *_indent(after)]
+    else:
+        body = run + keep
+    cond, first = _gate(i, entry, ns, "_res is None" if firstresult and i else "")
+    if cond:
+        return [f"if {cond}:", *_indent(first + body)]
+    return first + body
+
+
+def _wrapper_lines(
+    i: int, entry: PlanEntry, argnames: tuple[str, ...], ns: dict[str, Any], inner: list[str]
+) -> list[str]:
+    """One wrapper around ``inner`` (lines that set ``_res``): set it up to its
+    ``yield``, run ``inner``, then finish it with the result or the exception."""
+    call = _call("_w", i, entry, argnames, ns)
+    g = f"_g{i}"
+    old = bool(entry.impl.hookwrapper)
+    cond, first = _gate(i, entry, ns)
+    guarded = entry.on_failure is not None
+    if not guarded and not cond and not old:  # the common case, fully inline
+        return [
+            "try:", f"    {g} = {call}", f"    next({g})",
+            "except StopIteration:", f"    raise _wrapfail(_w{i}, 'did not yield') from None",
+            "try:", *_indent(inner),
+            "except BaseException as _exc:",
+            "    try:", f"        {g}.throw(_exc)",
+            "    except StopIteration as _stop:", "        _res = _stop.value",
+            "    else:", f"        raise _wrapfail(_w{i}, 'has second yield', {g})",
+            "else:",
+            "    try:", f"        {g}.send(_res)",
+            "    except StopIteration as _stop:", "        _res = _stop.value",
+            "    else:", f"        raise _wrapfail(_w{i}, 'has second yield', {g})",
+        ]
+    fail = "None"
+    ok = "None"
+    if guarded:
+        ns[f"_fail{i}"] = entry.on_failure
+        fail = f"_fail{i}"
+        if entry.on_success is not None:
+            ns[f"_ok{i}"] = entry.on_success
+            ok = f"_ok{i}"
+    setup = ["try:", f"    {g} = {call}", f"    next({g})", "except StopIteration:"]
+    if guarded:
+        setup += [f"    {g} = None", f"    {fail}(_wrapfail(_w{i}, 'did not yield'))",
+                  "except Exception as _e:", f"    {g} = None", f"    {fail}(_e)"]
+    else:
+        setup += [f"    raise _wrapfail(_w{i}, 'did not yield') from None"]
+    optional = bool(cond) or guarded  # the wrapper may not be running: skip its teardown
+    lines = [f"{g} = None"] if optional else []
+    lines += [f"if {cond}:", *_indent(first + setup)] if cond else setup
+    finish = f"_finish({g}, _w{i}, {{}}, {old}, {fail}, {ok})"
+    on_exc = f"_res = {finish.format('_exc, None')}"
+    on_res = f"_res = {finish.format('None, _res')}"
+    return [
+        *lines,
+        "try:", *_indent(inner),
+        "except BaseException as _exc:",
+        *([f"    if {g} is None:", "        raise"] if optional else []),
+        f"    {on_exc}",
+        "else:",
+        *([f"    if {g} is not None:", f"        {on_res}"] if optional else [f"    {on_res}"]),
+    ]
+
+
+def _finish(
+    gen: Generator[Any, Any, Any],
+    func: Callable[..., Any],
+    exc: BaseException | None,
+    result: Any = None,
+    old: bool = False,
+    on_failure: Callable[[BaseException], None] | None = None,
+    on_success: Callable[[], None] | None = None,
+) -> Any:
+    """Run a wrapper's teardown with the inner outcome (``exc``, else ``result``) and
+    return the outcome it leaves. Old-style wrappers get a :class:`pluggy.Result`. A
+    failure of the wrapper itself (not the inner exception passing through) propagates,
+    or under a policy (``on_failure``) is reported and the inner outcome is kept.
+    """
+    outcome = None
+    try:
+        if old:
+            outcome = Result.from_call(_none)
+            if exc is not None:
+                outcome.force_exception(exc)
             else:
-                wrapped += ["else:", *("    " + b for b in body[1:])]
-            body = wrapped
-        only_spec = get_only(impl)
-        cond = only_spec.condition("_st") if only_spec else ""
-        if entry.once_cell is not None:
-            ns[f"_once{i}"] = entry.once_cell
-            cond = f"{cond} and _once{i}[0]" if cond else f"_once{i}[0]"
-            body = [f"_once{i}[0] = False", *body]
-        if cond:
-            lines.append(f"    if {cond}:")
-            lines.extend("        " + b for b in body)
+                outcome.force_result(result)
+            gen.send(outcome)
+        elif exc is not None:
+            gen.throw(exc)
         else:
-            lines.extend("    " + b for b in body)
-    lines.append("    return None" if firstresult else "    return _res")
-    src = "\n".join(lines)
-    exec(compile(src, f"<hookloop plan {name}>", "exec"), ns)
-    func = ns[name]
-    func.__hookloop_source__ = src
-    return func
+            gen.send(result)
+    except StopIteration as stop:
+        if on_success is not None:
+            on_success()
+        return outcome.get_result() if outcome is not None else stop.value
+    except Exception as err:
+        if err is exc or on_failure is None:
+            raise
+        on_failure(err)
+    else:
+        err = _wrapfail(func, "has second yield", gen)
+        if on_failure is None:
+            raise err
+        on_failure(err)
+    if exc is not None:
+        raise exc
+    return result
 
 
-def _inline_wrapper(entry: PlanEntry) -> bool:
-    """New-style wrappers without filters or fault policies are compiled inline; the
-    rest (old-style ``hookwrapper``, guarded wrappers) go through pluggy."""
-    return bool(entry.impl.wrapper) and entry.on_failure is None and entry.once_cell is None and (
-        get_only(entry.impl) is None
-    )
+def _none() -> None:
+    return None
 
 
-def _wrapfail(func: Any, message: str) -> RuntimeError:
+def _wrapfail(func: Any, message: str, gen: Generator[Any, Any, Any] | None = None) -> RuntimeError:
+    """The error for a misbehaving wrapper, as pluggy words it; ``gen`` is closed first."""
+    if gen is not None:
+        gen.close()
     code = getattr(func, "__code__", None)
     where = f"{code.co_filename}:{code.co_firstlineno}" if code is not None else repr(func)
     return RuntimeError(f"wrap_controller at {func.__name__!r} {where} {message}")
 
 
-def _compile_wrapped(
-    name: str,
-    argnames: Sequence[str],
-    wrappers: Sequence[PlanEntry],
-    inner: Callable[..., Any] | None,
-    firstresult: bool,
-) -> Callable[..., Any]:
-    """New-style wrappers around the compiled plain call, with pluggy's semantics: the
-    first wrapper in call order is the outermost; each gets the inner result through
-    ``send`` (or the inner exception through ``throw``) and returns the new result."""
-    ns: dict[str, Any] = {"_inner": inner, "_wrapfail": _wrapfail}
-    args = ", ".join(argnames)
-    lines = [f"def {name}({args}):"]
-    indent = "    "
-    for i, entry in enumerate(wrappers):
-        impl = entry.impl
-        ns[f"_w{i}"] = impl.function
-        lines += [
-            f"{indent}_g{i} = _w{i}({', '.join(impl.argnames)})",
-            f"{indent}try:",
-            f"{indent}    next(_g{i})",
-            f"{indent}except StopIteration:",
-            f"{indent}    raise _wrapfail(_w{i}, 'did not yield') from None",
-            f"{indent}try:",
-        ]
-        indent += "    "
-    if inner is not None:
-        lines.append(f"{indent}_res = _inner({args})")
-    else:
-        lines.append(f"{indent}_res = {'None' if firstresult else '[]'}")
-    for i in reversed(range(len(wrappers))):
-        indent = indent[:-4]
-        lines += [
-            f"{indent}except BaseException as _exc:",
-            f"{indent}    try:",
-            f"{indent}        _g{i}.throw(_exc)",
-            f"{indent}    except StopIteration as _stop:",
-            f"{indent}        _res = _stop.value",
-            f"{indent}    else:",
-            f"{indent}        raise _wrapfail(_w{i}, 'has second yield')",
-            f"{indent}else:",
-            f"{indent}    try:",
-            f"{indent}        _g{i}.send(_res)",
-            f"{indent}    except StopIteration as _stop:",
-            f"{indent}        _res = _stop.value",
-            f"{indent}    else:",
-            f"{indent}        raise _wrapfail(_w{i}, 'has second yield')",
-        ]
-    lines.append("    return _res")
-    src = "\n".join(lines)
-    exec(compile(src, f"<hookloop plan {name}>", "exec"), ns)
-    func = ns[name]
-    func.__hookloop_source__ = src
-    return func
-
-
-def _guard(entry: PlanEntry) -> HookImpl:
-    """A copy of a pluggy HookImpl whose function applies the entry's policies."""
-    impl = entry.impl
-    original = impl.function
-    only_spec = get_only(impl)
-    if entry.on_failure is None and only_spec is None and entry.once_cell is None:
-        return impl
-    cell = entry.once_cell
-    on_failure = entry.on_failure
-    on_success = entry.on_success
-    check = None
-    if only_spec is not None and only_spec.condition("s"):
-        check = eval(f"lambda s: {only_spec.condition('s')}")
-
-    def guarded(*args: Any) -> Any:
-        if check is not None and not check(args[impl.argnames.index("loop")].state):
-            return None
-        if cell is not None:
-            if not cell[0]:
-                return None
-            cell[0] = False
-        if on_failure is None:
-            return original(*args)
-        try:
-            result = original(*args)
-        except Exception as exc:
-            on_failure(exc)
-            return None
-        if on_success is not None:
-            on_success()
-        return result
-
-    if (only_spec is not None or cell is not None) and "loop" not in impl.argnames:
-        raise TypeError(
-            f"{impl.plugin_name}.{original.__name__}: a frequency filter needs the "
-            "'loop' argument in the implementation's signature"
-        )
-    opts = {k: getattr(impl, k) for k in ("wrapper", "hookwrapper", "optionalhook",
-                                          "tryfirst", "trylast", "specname")
-            if hasattr(impl, k)}
-    copy = HookImpl(impl.plugin, impl.plugin_name, guarded, opts)  # type: ignore[arg-type]
-    copy.argnames = impl.argnames
-    copy.kwargnames = impl.kwargnames
-    return copy
-
-
-def _compile_with_pluggy(
-    name: str,
-    argnames: Sequence[str],
-    entries: Sequence[PlanEntry],
-    firstresult: bool,
-    hookexec: Callable[..., Any],
-) -> Callable[..., Any]:
-    # pluggy calls its list from the end: pass the plan reversed.
-    impls = [_guard(e) for e in reversed(entries)]
-    args = ", ".join(argnames)
-    kwargs = ", ".join(f"{a!r}: {a}" for a in argnames)
-    src = (
-        f"def {name}({args}):\n"
-        f"    return _hookexec({name!r}, _impls, {{{kwargs}}}, {firstresult!r})\n"
-    )
-    ns: dict[str, Any] = {"_hookexec": hookexec, "_impls": impls}
-    exec(compile(src, f"<hookloop plan {name}>", "exec"), ns)
+def _define(name: str, src: str, ns: dict[str, Any]) -> Callable[..., Any]:
+    """Compile ``src`` (defining ``name``) under a filename unique to its content and
+    register the source in linecache so tracebacks show the generated lines."""
+    digest = hashlib.sha1(src.encode()).hexdigest()[:8]
+    filename = f"<hookloop plan {name} {digest}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    exec(compile(src, filename, "exec"), ns)
     func = ns[name]
     func.__hookloop_source__ = src
     return func
@@ -331,4 +385,5 @@ def _traced(name: str, entries: Sequence[PlanEntry], func: Callable[..., Any]) -
         print(f"[hookloop] {name} -> {targets}", file=sys.stderr)
         return func(*args, **kwargs)
 
+    traced.__hookloop_source__ = func.__hookloop_source__  # type: ignore[attr-defined]
     return traced

@@ -6,6 +6,8 @@ from __future__ import annotations
 import difflib
 import importlib.metadata as importlib_metadata
 import inspect
+import itertools
+import logging
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -15,15 +17,20 @@ from typing import Any
 import pluggy
 
 from hookloop import hookspecs
-from hookloop._dispatch import PlanEntry, compile_hook, get_only
+from hookloop._dispatch import PlanEntry, call_argnames, compile_hook, get_only
+from hookloop.hookspecs import ALIASES
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "HOOK_NAMES",
+    "ISOLATED_HOOKS",
     "AvailablePlugin",
+    "Callers",
     "Hooks",
     "PluginError",
     "PluginManager",
     "available_plugins",
+    "base_name",
     "hookimpl",
 ]
 
@@ -33,7 +40,14 @@ hookimpl = pluggy.HookimplMarker("hookloop")
 ENTRY_POINT_GROUP = "hookloop"
 # in definition order, which is firing order within a phase
 HOOK_NAMES: tuple[str, ...] = tuple(n for n in vars(hookspecs) if n.startswith("on_"))
+"""Every hook name, canonical only (aliases are in ``hookspecs.ALIASES``), in firing order."""
+ISOLATED_HOOKS: tuple[str, ...] = ("on_exception", "on_close")
+"""Hooks whose implementations are all called even when one raises: an ``Exception`` is
+logged (logger ``hookloop``, with its traceback) whatever the plugin's fault policy, and
+plugins disabled by their policy are still called; KeyboardInterrupt and SystemExit
+propagate."""
 POLICIES = ("raise", "warn", "disable")
+_log = logging.getLogger("hookloop")
 
 
 class PluginError(Exception):
@@ -89,7 +103,8 @@ _AVAILABLE: dict[str, AvailablePlugin] | None = None
 
 
 def _impl_names(obj: Any) -> list[str]:
-    return sorted(n for n in HOOK_NAMES if callable(getattr(obj, n, None)))
+    """The canonical names of the hooks ``obj`` implements (aliases resolved)."""
+    return sorted({ALIASES.get(n, n) for n in (*HOOK_NAMES, *ALIASES) if callable(getattr(obj, n, None))})
 
 
 def available_plugins(refresh: bool = False) -> dict[str, AvailablePlugin]:
@@ -128,13 +143,15 @@ def available_plugins(refresh: bool = False) -> dict[str, AvailablePlugin]:
     return found
 
 
-class Hooks:
+class Callers:
     """The compiled callers of every hook; an attribute is ``None`` when no plugin
     implements that hook, so the loop can skip it without a call::
 
-        h = loop.hooks.on_train_batch_end
+        h = pm.callers.on_train_batch_end
         if h is not None:
             h(loop, outputs, batch, batch_idx)
+
+    A caller takes the spec's arguments positionally, in spec order, or by keyword.
     """
 
     __slots__ = HOOK_NAMES
@@ -142,6 +159,10 @@ class Hooks:
     def __init__(self) -> None:
         for name in HOOK_NAMES:
             setattr(self, name, None)
+
+
+Hooks = Callers
+"""Former name of :class:`Callers`, kept for one release."""
 
 
 @dataclass
@@ -157,40 +178,79 @@ class _Policy:
     hooks_failed: set[str] = field(default_factory=set)
 
 
+def base_name(plugin: Any) -> str:
+    """The name a plugin is registered under when no name is given: its
+    ``hookloop_name`` attribute, else its class name (a module's or a class's own name).
+    Ordering declarations (``hookloop_after``/``hookloop_before``) match it too."""
+    name = getattr(plugin, "hookloop_name", None)
+    if isinstance(name, str) and name:
+        return name
+    if inspect.ismodule(plugin) or inspect.isclass(plugin):
+        return plugin.__name__
+    return type(plugin).__name__
+
+
 class PluginManager(pluggy.PluginManager):
-    """pluggy's PluginManager with hookloop's hookspecs, compiled dispatch, declared
-    ordering, fault policies and entry-point loading.
+    """pluggy's PluginManager with hookloop's hookspecs, compiled dispatch
+    (:attr:`callers`), declared ordering, fault policies and entry-point loading.
 
-    Plugins may declare, as attributes:
+    Plugins are called in registration order (wrappers first, outermost first; then
+    ``tryfirst``, normal, ``trylast``), then reordered by these declarations. Plugins
+    may declare, as attributes:
 
+    - ``hookloop_name``: the name to register under when none is given;
     - ``hookloop_on_error``: ``"raise"`` (default), ``"warn"`` or ``"disable"``;
     - ``hookloop_max_failures``: consecutive failures before ``disable`` stops calling
       the plugin (default 3);
     - ``hookloop_after`` / ``hookloop_before``: names of plugins whose implementations
       must run before / after this plugin's, for every hook both implement; or a
-      mapping of hook name to names to order only those hooks (``"*"``: the others);
+      mapping of hook name to names to order only those hooks (``"*"``: the others).
+      A name matches a plugin's registered name or its :func:`base_name`;
     - ``hookloop_rank_zero_only``: call only on the global rank 0 process.
     """
 
     def __init__(self) -> None:
         super().__init__("hookloop")
         self.add_hookspecs(hookspecs)
-        self.hooks = Hooks()
+        self.callers = Callers()
         self.rank = 0
         self._policies: dict[str, _Policy] = {}
         self._once: dict[tuple[str, str], list[bool]] = {}
         self._trace = _env_flag("HOOKLOOP_TRACE")
         self._plan: dict[str, list[PlanEntry]] = {}
+        self._seq: dict[str, int] = {}  # registered name -> registration number, in order
+        self._counter = itertools.count()
+        self._aka: dict[str, frozenset[str]] = {}  # names ordering declarations may use
+        self._argnames: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._origin: dict[str, str] = {}  # registered name -> entry point it was loaded from
+
+    @property
+    def hooks(self) -> Callers:
+        """Deprecated name of :attr:`callers`."""
+        warnings.warn(
+            "PluginManager.hooks is renamed to PluginManager.callers; "
+            "PluginManager.hooks will be removed in the next release",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.callers
 
     # -- registration ------------------------------------------------------------
 
     def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
-        """Accept ``@hookimpl``-marked callables and plain callables named after a hook."""
+        """Accept ``@hookimpl``-marked functions and unmarked functions named after a
+        hook or an alias (``hookspecs.ALIASES``); an alias implements its canonical
+        hook (pluggy's ``specname``)."""
         opts = super().parse_hookimpl_opts(plugin, name)
-        if opts is None and name in HOOK_NAMES:
-            member = getattr(plugin, name, None)
-            if callable(member) and not inspect.isclass(member):
+        if opts is None and (name in HOOK_NAMES or name in ALIASES):
+            try:
+                member = getattr(plugin, name)
+            except Exception:
+                return None
+            if inspect.isfunction(member) or inspect.ismethod(member):
                 opts = {}
+        if opts is not None and name in ALIASES and not opts.get("specname"):
+            opts = {**opts, "specname": ALIASES[name]}
         return opts
 
     def register(  # type: ignore[override]
@@ -203,16 +263,37 @@ class PluginManager(pluggy.PluginManager):
     ) -> str:
         """Register ``plugin`` (object, class instance or module) and recompile.
 
-        Returns the registered name; a second plugin with the same name gets ``-2``,
-        ``-3``... appended. Raises :class:`PluginError` for an unknown hook name or an
-        argument the hook's spec lacks, naming the plugin and the hook.
+        ``name`` given explicitly is used as is (a :class:`PluginError` if taken).
+        Without it the plugin gets its :func:`base_name`; when that is taken, ``-2``,
+        ``-3``... in registration order, so earlier plugins keep their names. Returns
+        the registered name. Raises :class:`PluginError`, naming the plugin, for an
+        unknown hook name, a method whose parameters the hook cannot fill by keyword,
+        the same object registered twice, or a bad policy; nothing stays registered.
         """
-        base = name or getattr(plugin, "hookloop_name", None) or _default_name(plugin)
-        final = base
-        n = 2
-        while self.get_plugin(final) is not None or final in self._name2plugin:
-            final = f"{base}-{n}"
-            n += 1
+        return self._register(plugin, name, on_error, max_failures, ())
+
+    def _register(
+        self, plugin: Any, name: str | None, on_error: str | None, max_failures: int | None,
+        aka: Iterable[str],
+    ) -> str:
+        if plugin is None:
+            raise PluginError("cannot register None as a plugin")
+        if self.is_registered(plugin):
+            raise PluginError(
+                f"plugin object {plugin!r} is already registered as {self.get_name(plugin)!r}"
+            )
+        base = base_name(plugin)
+        if name is not None:
+            other = self.get_plugin(name)
+            if other is not None:
+                raise PluginError(
+                    f"cannot register {plugin!r} as {name!r}: that name is taken by {other!r}"
+                )
+            final = name
+        else:
+            final, n = base, 2
+            while self.has_plugin(final):
+                final, n = f"{base}-{n}", n + 1
         mode = on_error or getattr(plugin, "hookloop_on_error", "raise")
         if mode not in POLICIES:
             raise PluginError(f"plugin {final!r}: on_error={mode!r}; expected one of {POLICIES}")
@@ -221,58 +302,100 @@ class PluginManager(pluggy.PluginManager):
         )
         if not isinstance(limit, int) or limit <= 0:
             raise PluginError(f"plugin {final!r}: max_failures={limit!r}; expected int > 0")
-        unknown = self._unknown_hooks(plugin)
-        if unknown:
-            hook = unknown[0]
-            close = difflib.get_close_matches(hook, HOOK_NAMES, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise PluginError(
-                f"plugin {final!r} implements unknown hook {hook!r}{hint} "
-                f"(known hooks: {', '.join(HOOK_NAMES)})"
-            )
+        argnames = self._check_impls(plugin, final)
         try:
             registered = super().register(plugin, final)
-        except pluggy.PluginValidationError as exc:
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            if self.is_registered(plugin):  # pluggy < 1.6 validates after adding
+                super().unregister(plugin)
             detail = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
             raise PluginError(f"plugin {final!r}: {detail}") from exc
-        except ValueError as exc:
-            raise PluginError(f"plugin {final!r}: {exc}") from exc
-        assert registered is not None
+        if registered is None:
+            raise PluginError(f"plugin name {final!r} is blocked")
+        self._seq[registered] = next(self._counter)
+        self._aka[registered] = frozenset((registered, base, *aka))
+        self._argnames.update({(registered, hook): names for hook, names in argnames.items()})
         self._policies[registered] = _Policy(registered, mode, limit)
         try:
             self.recompile()
-        except (PluginError, TypeError) as exc:  # leave nothing half-registered
-            super().unregister(name=registered)
-            del self._policies[registered]
-            self.recompile()
+        except (PluginError, TypeError) as exc:  # e.g. an ordering cycle
+            self.unregister(plugin)
             if isinstance(exc, PluginError):
                 raise
             raise PluginError(f"plugin {registered!r}: {exc}") from exc
         return registered
 
-    def _unknown_hooks(self, plugin: Any) -> list[str]:
-        out = []
+    def _check_impls(self, plugin: Any, plugin_name: str) -> dict[str, tuple[str, ...]]:
+        """Validate every hook implementation of ``plugin`` before anything is
+        registered: known hook (or alias), one method per hook, parameters the hook can
+        fill by keyword. Returns hook name to the argument names each is called with."""
+        found: dict[str, str] = {}
+        argnames: dict[str, tuple[str, ...]] = {}
+        label = plugin.__name__ if inspect.ismodule(plugin) else type(plugin).__name__
         for attr in dir(plugin):
             try:
-                member = getattr(plugin, attr)
+                opts = self.parse_hookimpl_opts(plugin, attr)
             except Exception:
                 continue
-            marked = getattr(member, "hookloop_impl", None) is not None
-            if marked and attr not in HOOK_NAMES:
-                out.append(attr)
-        return out
+            if opts is None:
+                continue
+            hook = opts.get("specname") or attr
+            if hook not in HOOK_NAMES:
+                close = difflib.get_close_matches(hook, [*HOOK_NAMES, *ALIASES], n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise PluginError(
+                    f"plugin {plugin_name!r} implements unknown hook {hook!r}{hint} "
+                    f"(known hooks: {', '.join(HOOK_NAMES)})"
+                )
+            if hook in found:
+                raise PluginError(
+                    f"plugin {plugin_name!r} implements hook {hook} twice: methods "
+                    f"{label}.{found[hook]} and {label}.{attr}; keep one"
+                )
+            found[hook] = attr
+            spec_args = getattr(self.hook, hook).spec.argnames
+            method = f"{label}.{attr}" + (f" (hook {hook})" if attr != hook else "")
+            try:
+                names = call_argnames(getattr(plugin, attr))
+            except TypeError as exc:
+                raise PluginError(
+                    f"plugin {plugin_name!r}: method {method}: {exc} "
+                    f"(the hook's arguments: {', '.join(spec_args)})"
+                ) from None
+            for arg in names:
+                if arg not in spec_args:
+                    raise PluginError(
+                        f"plugin {plugin_name!r}: method {method} takes parameter {arg!r}, "
+                        f"which hook {hook} does not provide (its arguments: {', '.join(spec_args)})"
+                    )
+            argnames[hook] = names
+        return argnames
 
     def unregister(self, plugin: Any = None, name: str | None = None) -> Any:
         """Unregister a plugin (by object or name) and recompile."""
         removed = super().unregister(plugin, name)
-        for key in [k for k in self._policies if self.get_plugin(k) is None]:
-            del self._policies[key]
+        for key in [k for k in self._seq if not self.has_plugin(k)]:
+            del self._seq[key]
+            self._aka.pop(key, None)
+            self._policies.pop(key, None)
+            self._origin.pop(key, None)
+            for hook_key in [h for h in self._argnames if h[0] == key]:
+                del self._argnames[hook_key]
+            for once_key in [h for h in self._once if h[0] == key]:
+                del self._once[once_key]
         self.recompile()
         return removed
 
     def load(self, spec: str, options: Mapping[str, Any] | None = None) -> str:
         """Instantiate the installed plugin ``spec`` (entry-point name) with ``options``
-        and register it under that name. Raises PluginError naming what is available."""
+        and register it under that name. Raises PluginError naming what is available.
+
+        The option ``"name"`` is reserved: it is not passed to the plugin and sets the
+        registered name, so one plugin can be loaded twice
+        (``load("tensorboard", {"name": "tb_val", ...})``). Loading a name that is
+        already registered from the same entry point builds nothing and returns it
+        (an error when other options are given, as they would be ignored).
+        """
         found = available_plugins()
         entry = found.get(spec)
         if entry is None:
@@ -286,23 +409,35 @@ class PluginManager(pluggy.PluginManager):
         if entry.error:
             raise PluginError(f"plugin {spec!r} failed to import: {entry.error}")
         obj = entry.obj
-        if self.get_plugin(spec) is not None:  # already enabled: build nothing new
-            if options:
-                raise PluginError(f"plugin {spec!r} is already registered; options {dict(options)} "
+        kwargs = dict(options or {})
+        explicit = kwargs.pop("name", None)
+        if explicit is not None and (not isinstance(explicit, str) or not explicit):
+            raise PluginError(f"plugin {spec!r}: option name={explicit!r} must be a non-empty string")
+        target = explicit or spec
+        if self.get_plugin(target) is not None:  # already enabled: build nothing new
+            if explicit is not None and self._origin.get(target) != spec:
+                raise PluginError(
+                    f"cannot load plugin {spec!r} as {target!r}: that name is taken by "
+                    f"{self.get_plugin(target)!r}"
+                )
+            if kwargs:
+                raise PluginError(f"plugin {target!r} is already registered; options {kwargs} "
                                   "would be ignored")
-            return spec
+            return target
         if inspect.ismodule(obj) or not callable(obj):
-            if options:
+            if kwargs:
                 raise PluginError(f"plugin {spec!r} is always-on and takes no options")
             plugin = obj
         else:
             try:
-                plugin = obj(**dict(options or {}))
+                plugin = obj(**kwargs)
             except TypeError as exc:
-                raise PluginError(f"plugin {spec!r}: bad options {dict(options or {})}: {exc}") from exc
+                raise PluginError(f"plugin {spec!r}: bad options {kwargs}: {exc}") from exc
         if self.is_registered(plugin):  # an always-on module registered by autoload
             return self.get_name(plugin) or spec
-        return self.register(plugin, spec)
+        registered = self._register(plugin, target, None, None, (spec,))
+        self._origin[registered] = spec
+        return registered
 
     def load_autoload_plugins(self) -> list[str]:
         """Register every installed always-on plugin (module or instance entry points),
@@ -315,8 +450,13 @@ class PluginManager(pluggy.PluginManager):
                 continue
             if inspect.ismodule(entry.obj) or not callable(entry.obj):
                 if self.get_plugin(name) is None and not self.is_registered(entry.obj):
-                    names.append(self.register(entry.obj, name))
+                    names.append(self._register(entry.obj, name, None, None, (name,)))
+                    self._origin[name] = name
         return names
+
+    def plugin_items(self) -> list[tuple[str, Any]]:
+        """(name, plugin) pairs in registration order."""
+        return [(n, self.get_plugin(n)) for n in self._seq]
 
     # -- plan ----------------------------------------------------------------------
 
@@ -327,21 +467,32 @@ class PluginManager(pluggy.PluginManager):
             self.recompile()
 
     def plan_entries(self, hook_name: str) -> list[PlanEntry]:
-        """The implementations of a hook in call order, with their policies applied."""
-        caller = getattr(self.hook, hook_name)
-        impls = list(reversed(caller.get_hookimpls()))  # pluggy's call order
-        # wrappers first as pluggy runs them; keep relative order
-        impls = _declared_order(impls, hook_name)
+        """The implementations of a hook in call order, with their policies applied:
+        wrappers (new- and old-style; the first is the outermost) before plain
+        implementations; within each, ``tryfirst``, then normal, then ``trylast``, each
+        in registration order; then ``hookloop_after``/``hookloop_before``."""
+        impls = sorted(
+            getattr(self.hook, hook_name).get_hookimpls(),
+            key=lambda i: (
+                not (i.wrapper or i.hookwrapper),
+                0 if i.tryfirst else 2 if i.trylast else 1,
+                self._seq.get(i.plugin_name, -1),
+            ),
+        )
+        impls = _declared_order(impls, hook_name, self._aka)
+        isolated = hook_name in ISOLATED_HOOKS
         entries = []
         for impl in impls:
             plugin = impl.plugin
             if self.rank != 0 and getattr(plugin, "hookloop_rank_zero_only", False):
                 continue
             policy = self._policies.get(impl.plugin_name)
-            if policy is not None and policy.disabled:
+            entry = PlanEntry(impl, argnames=self._argnames.get((impl.plugin_name, hook_name)))
+            if isolated:
+                entry.on_failure = _log_failure(impl.plugin_name, hook_name)
+            elif policy is not None and policy.disabled:
                 continue
-            entry = PlanEntry(impl)
-            if policy is not None and policy.mode != "raise":
+            elif policy is not None and policy.mode != "raise":
                 entry.on_failure = self._failure_handler(policy, hook_name)
                 if policy.mode == "disable":
                     entry.on_success = _reset_consecutive(policy)
@@ -353,17 +504,15 @@ class PluginManager(pluggy.PluginManager):
 
     def recompile(self) -> None:
         """Rebuild the compiled caller of every hook (called on every registration change)."""
-        hookexec = self._hookexec
         for name in HOOK_NAMES:
             entries = self.plan_entries(name)
             self._plan[name] = entries
             spec = getattr(self.hook, name).spec
-            firstresult = bool(spec.opts.get("firstresult")) if spec else False
             setattr(
-                self.hooks,
+                self.callers,
                 name,
-                compile_hook(name, spec.argnames, entries, firstresult=firstresult,
-                             hookexec=hookexec, trace=self._trace),
+                compile_hook(name, spec.argnames, entries,
+                             firstresult=bool(spec.opts.get("firstresult")), trace=self._trace),
             )
 
     def plan(self) -> dict[str, list[str]]:
@@ -379,8 +528,10 @@ class PluginManager(pluggy.PluginManager):
             for i, e in enumerate(entries, 1):
                 notes = []
                 impl = e.impl
-                if impl.wrapper or impl.hookwrapper:
+                if impl.wrapper:
                     notes.append("wrapper")
+                if impl.hookwrapper:
+                    notes.append("hookwrapper")
                 if impl.tryfirst:
                     notes.append("tryfirst")
                 if impl.trylast:
@@ -389,7 +540,9 @@ class PluginManager(pluggy.PluginManager):
                 if only_spec is not None:
                     notes.append(_describe_only(only_spec))
                 policy = self._policies.get(impl.plugin_name)
-                if policy is not None and policy.mode != "raise":
+                if name in ISOLATED_HOOKS:
+                    notes.append("isolated")
+                elif policy is not None and policy.mode != "raise":
                     notes.append(f"on_error={policy.mode}")
                 extra = f"  [{', '.join(notes)}]" if notes else ""
                 lines.append(f"  {i}. {impl.plugin_name}{extra}")
@@ -445,9 +598,12 @@ class PluginManager(pluggy.PluginManager):
         if changed:
             self.recompile()
 
-    def plugin_items(self) -> list[tuple[str, Any]]:
-        """(name, plugin) pairs in registration order."""
-        return [(n, p) for n, p in self._name2plugin.items() if p is not None]
+
+def _log_failure(plugin_name: str, hook_name: str) -> Any:
+    def on_failure(exc: BaseException) -> None:
+        _log.error("hookloop plugin %r failed in %s", plugin_name, hook_name, exc_info=exc)
+
+    return on_failure
 
 
 def _reset_consecutive(policy: _Policy) -> Any:
@@ -472,58 +628,54 @@ def _describe_only(o: Any) -> str:
     return ", ".join(parts)
 
 
-def _default_name(plugin: Any) -> str:
-    if inspect.ismodule(plugin):
-        return plugin.__name__
-    return type(plugin).__name__ if not inspect.isclass(plugin) else plugin.__name__
-
-
-def _declared_order(impls: list[Any], hook: str) -> list[Any]:
+def _declared_order(impls: list[Any], hook: str, aka: Mapping[str, frozenset[str]]) -> list[Any]:
     """Reorder implementations so that ``hookloop_after``/``hookloop_before`` hold,
-    keeping pluggy's order wherever no declaration says otherwise (stable Kahn sort).
-    Wrappers keep their place ahead of plain implementations."""
-    # wrappers keep pluggy's place around the plain implementations
+    keeping the given order wherever no declaration says otherwise (stable Kahn sort).
+    Wrappers keep their place ahead of plain implementations. ``aka`` maps a registered
+    name to every name a declaration may use for it."""
     wrappers = [i for i in impls if i.wrapper or i.hookwrapper]
     plain = [i for i in impls if not (i.wrapper or i.hookwrapper)]
-    return [*_stable_topo_sort(wrappers, hook), *_stable_topo_sort(plain, hook)]
+    return [*_stable_topo_sort(wrappers, hook, aka), *_stable_topo_sort(plain, hook, aka)]
 
 
-def _stable_topo_sort(impls: list[Any], hook: str) -> list[Any]:
-    names = [i.plugin_name for i in impls]
+def _stable_topo_sort(impls: list[Any], hook: str, aka: Mapping[str, frozenset[str]]) -> list[Any]:
     if not any(
         getattr(i.plugin, "hookloop_after", None) or getattr(i.plugin, "hookloop_before", None)
         for i in impls
     ):
         return impls
-    index = {n: k for k, n in enumerate(names)}
-    edges: dict[str, set[str]] = {n: set() for n in names}  # a -> b: a runs before b
-    for impl in impls:
-        me = impl.plugin_name
-        for other in _names(getattr(impl.plugin, "hookloop_after", ()), hook):
-            if other in index:
+    known = [aka.get(i.plugin_name, frozenset((i.plugin_name,))) for i in impls]
+
+    def matching(names: Iterable[str]) -> list[int]:
+        wanted = set(names)
+        return [k for k, ks in enumerate(known) if ks & wanted]
+
+    edges: list[set[int]] = [set() for _ in impls]  # a -> b: a runs before b
+    for me, impl in enumerate(impls):
+        for other in matching(_names(getattr(impl.plugin, "hookloop_after", ()), hook)):
+            if other != me:
                 edges[other].add(me)
-        for other in _names(getattr(impl.plugin, "hookloop_before", ()), hook):
-            if other in index:
+        for other in matching(_names(getattr(impl.plugin, "hookloop_before", ()), hook)):
+            if other != me:
                 edges[me].add(other)
-    indeg = {n: 0 for n in names}
-    for bs in edges.values():
+    indeg = [0] * len(impls)
+    for bs in edges:
         for b in bs:
             indeg[b] += 1
-    ready = sorted((n for n in names if indeg[n] == 0), key=index.__getitem__)
-    out: list[str] = []
+    ready = [k for k in range(len(impls)) if indeg[k] == 0]
+    out: list[int] = []
     while ready:
-        n = ready.pop(0)
-        out.append(n)
-        for b in edges[n]:
+        k = ready.pop(0)
+        out.append(k)
+        for b in edges[k]:
             indeg[b] -= 1
             if indeg[b] == 0:
                 ready.append(b)
-                ready.sort(key=index.__getitem__)
-    if len(out) != len(names):
-        cycle = sorted(set(names) - set(out))
+        ready.sort()
+    if len(out) != len(impls):
+        cycle = sorted(impls[k].plugin_name for k in set(range(len(impls))) - set(out))
         raise PluginError(f"plugin ordering has a cycle between {cycle} (hookloop_after/_before)")
-    by_name = {i.plugin_name: i for i in impls}
-    return [by_name[n] for n in out]
+    return [impls[k] for k in out]
 
 
 def _names(value: Any, hook: str) -> Iterable[str]:

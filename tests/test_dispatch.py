@@ -70,8 +70,7 @@ def test_compiled_equals_pluggy(seed: int) -> None:
         expected_log = list(log)
         impls = getattr(pm.hook, hook).get_hookimpls()
         entries = [PlanEntry(i) for i in reversed(impls)]
-        compiled = compile_hook(hook, ["loop", "a", "b"], entries, firstresult=firstresult,
-                                hookexec=pm._hookexec)
+        compiled = compile_hook(hook, ["loop", "a", "b"], entries, firstresult=firstresult)
         log.clear()
         got = compiled(**kwargs) if compiled is not None else ([] if not firstresult else None)
         assert got == expected
@@ -84,20 +83,20 @@ def test_compiled_equals_pluggy(seed: int) -> None:
 
 def test_no_implementation_compiles_to_none() -> None:
     pm = PluginManager()
-    assert all(getattr(pm.hooks, name) is None for name in pm.plan())
+    assert all(getattr(pm.callers, name) is None for name in pm.plan())
 
     class P:
         def on_log(self, metrics):
             pass
 
     pm.register(P())
-    assert pm.hooks.on_log is not None
-    assert pm.hooks.on_train_batch_end is None
+    assert pm.callers.on_log is not None
+    assert pm.callers.on_train_batch_end is None
     pm.unregister(name="P")
-    assert pm.hooks.on_log is None
+    assert pm.callers.on_log is None
 
 
-def test_hookloop_manager_matches_pluggy_call_order() -> None:
+def test_manager_call_order_is_registration_order_by_tier() -> None:
     calls: list[str] = []
 
     def make(name, **opts):
@@ -113,12 +112,10 @@ def test_hookloop_manager_matches_pluggy_call_order() -> None:
     for name, opts in [("a", {}), ("b", {"tryfirst": True}), ("c", {"trylast": True}),
                        ("d", {}), ("e", {"tryfirst": True})]:
         pm.register(make(name, **opts), name)
-    expected = pm.hook.on_train_batch_end(loop=None, outputs=None, batch=None, batch_idx=0)
-    order = list(calls)
-    calls.clear()
-    got = pm.hooks.on_train_batch_end(None, None, None, 0)
-    assert got == expected and calls == order == ["e", "b", "d", "a", "c"]
-    assert pm.plan()["on_train_batch_end"] == order
+    # tryfirst, normal, trylast; each in registration order (not pluggy's LIFO)
+    got = pm.callers.on_train_batch_end(None, None, None, 0)
+    assert got == calls == ["b", "e", "a", "d", "c"]
+    assert pm.plan()["on_train_batch_end"] == calls
 
 
 def test_frequency_filters_run_in_the_plan() -> None:
@@ -150,7 +147,7 @@ def test_frequency_filters_run_in_the_plan() -> None:
     assert p.once == [0]
     assert p.window == [2, 3, 4]
     assert p.epochs == [1, 3]
-    src = loop.hooks.on_train_batch_end.__hookloop_source__
+    src = loop.pm.callers.on_train_batch_end.__hookloop_source__
     assert "% 3 == 0" in src  # the filter is compiled in, not a call per step
     loop.fit(max_epochs=5)  # once re-arms for a new fit
     assert p.once == [0, 32]
@@ -207,13 +204,10 @@ def test_new_style_wrappers_compile_inline_and_see_exceptions() -> None:
             raise ValueError("boom")
 
     pm = PluginManager()
-    for p in (Plain(), Inner(), Outer()):
+    for p in (Outer(), Inner(), Plain()):  # the first registered wrapper is the outermost
         pm.register(p)
-    assert "_hookexec" not in pm.hooks.on_fit_start.__hookloop_source__
-    assert pm.hooks.on_fit_start(None) == ["recovered"]
-    assert log == ["outer-in", "inner-in", "outer-caught boom"]
-    log.clear()
-    assert pm.hook.on_fit_start(loop=None) == ["recovered"]  # pluggy agrees
+    assert "_hookexec" not in pm.callers.on_fit_start.__hookloop_source__
+    assert pm.callers.on_fit_start(None) == ["recovered"]
     assert log == ["outer-in", "inner-in", "outer-caught boom"]
 
     class NoYield:
@@ -224,4 +218,4 @@ def test_new_style_wrappers_compile_inline_and_see_exceptions() -> None:
 
     pm.register(NoYield())
     with pytest.raises(RuntimeError, match="did not yield"):
-        pm.hooks.on_fit_end(None)
+        pm.callers.on_fit_end(None)

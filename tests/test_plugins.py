@@ -44,7 +44,7 @@ def test_register_modules_and_duplicate_names() -> None:
     assert pm.register(mod) == "myplug"
     assert pm.register(HookRecorder(["on_log"])) == "HookRecorder"
     assert pm.register(HookRecorder(["on_log"])) == "HookRecorder-2"
-    pm.hooks.on_fit_start(None)
+    pm.callers.on_fit_start(None)
     assert calls == ["mod"]
 
 
@@ -59,12 +59,12 @@ def test_plugins_called_in_list_order_and_declared_order() -> None:
         return cls()
 
     loop = tiny_loop([make("a"), make("b"), make("c")])
-    loop.hooks.on_fit_start(loop)
+    loop.pm.callers.on_fit_start(loop)
     assert calls == ["a", "b", "c"]
     calls.clear()
     # "tracker" declares it runs after "producer" although listed first
     loop = tiny_loop([make("tracker", after=("producer",)), make("x"), make("producer")])
-    loop.hooks.on_fit_start(loop)
+    loop.pm.callers.on_fit_start(loop)
     assert calls == ["x", "producer", "tracker"]
     assert loop.pm.plan()["on_fit_start"] == ["x", "producer", "tracker"]
     with pytest.raises(PluginError, match="cycle"):
@@ -178,9 +178,9 @@ def test_rank_zero_only_plugins_are_left_out_on_other_ranks() -> None:
 
     pm = PluginManager()
     pm.register(Tracker())
-    assert pm.hooks.on_log is not None
+    assert pm.callers.on_log is not None
     pm.set_rank(1)
-    assert pm.hooks.on_log is None
+    assert pm.callers.on_log is None
 
 
 # -------------------------------------------------------------- entry points
@@ -256,25 +256,32 @@ def test_trace_prints_each_call() -> None:
     assert "[hookloop] on_train_batch_end -> HookRecorder" in res.stderr
 
 
-def test_failed_compilation_leaves_nothing_registered() -> None:
-    from hookloop import only
-
-    class NoLoopArg:
-        @only(every_n_steps=2)
-        def on_log(self, metrics):
-            pass
-
-    class Wrap:  # an old-style wrapper: the hook goes through pluggy's own caller
+def test_failed_registration_leaves_nothing_registered() -> None:
+    class Wrap:
         @hookimpl(hookwrapper=True)
         def on_log(self):
             yield
 
+    class HalfValid:  # on_fit_start is valid; pluggy refuses on_log, found after it
+        def on_fit_start(self):
+            pass
+
+        @hookimpl(wrapper=True)
+        def on_log(self):
+            return None  # not a generator function
+
     pm = PluginManager()
     pm.register(Wrap())
-    with pytest.raises(PluginError, match=r"'NoLoopArg'.*needs the 'loop' argument"):
-        pm.register(NoLoopArg())
-    assert pm.get_plugin("NoLoopArg") is None
-    assert pm.plan()["on_log"] == ["Wrap"]
+    half = HalfValid()
+    with pytest.raises(PluginError, match=r"'HalfValid'.*generator"):
+        pm.register(half)
+    assert pm.get_plugins() == {pm.get_plugin("Wrap")}
+    assert not pm.is_registered(half) and pm.get_plugin("HalfValid") is None
+    assert pm.hook.on_fit_start.get_hookimpls() == []
+    assert pm.plan()["on_log"] == ["Wrap"] and pm.plan()["on_fit_start"] == []
+    assert pm.callers.on_fit_start is None
+    assert [n for n, _ in pm.plugin_items()] == ["Wrap"]
+    assert pm.register(object(), "HalfValid") == "HalfValid"  # the name is free again
 
 
 def test_declared_order_keeps_wrappers_around_plain_impls() -> None:
@@ -297,7 +304,7 @@ def test_declared_order_keeps_wrappers_around_plain_impls() -> None:
     pm = PluginManager()
     pm.register(W(), "w")
     pm.register(P(), "p")
-    pm.hooks.on_fit_start(None)
+    pm.callers.on_fit_start(None)
     assert calls == ["w-before", "p", "w-after"]
 
 
