@@ -267,7 +267,7 @@ class PluginManager(pluggy.PluginManager):
         Without it the plugin gets its :func:`base_name`; when that is taken, ``-2``,
         ``-3``... in registration order, so earlier plugins keep their names. Returns
         the registered name. Raises :class:`PluginError`, naming the plugin, for an
-        unknown hook name, a method whose parameters the hook cannot fill by keyword,
+        unknown hook name, a method whose parameters the hook cannot fill by name,
         the same object registered twice, or a bad policy; nothing stays registered.
         """
         return self._register(plugin, name, on_error, max_failures, ())
@@ -328,7 +328,7 @@ class PluginManager(pluggy.PluginManager):
     def _check_impls(self, plugin: Any, plugin_name: str) -> dict[str, tuple[str, ...]]:
         """Validate every hook implementation of ``plugin`` before anything is
         registered: known hook (or alias), one method per hook, parameters the hook can
-        fill by keyword. Returns hook name to the argument names each is called with."""
+        fill by name. Returns hook name to the argument names each is called with."""
         found: dict[str, str] = {}
         argnames: dict[str, tuple[str, ...]] = {}
         label = plugin.__name__ if inspect.ismodule(plugin) else type(plugin).__name__

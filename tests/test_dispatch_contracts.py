@@ -3,6 +3,7 @@ registration checks, names, ordering, aliases, isolated hooks and readable trace
 
 from __future__ import annotations
 
+import functools
 import logging
 import traceback
 import types
@@ -66,6 +67,34 @@ def test_keyword_only_parameters_are_called_by_keyword() -> None:
     # parameters with a default are not passed (pluggy's rule)
     assert seen == [({"a": 1.0}, 3, None, 7), ({"a": 2.0}, 4, None, 7)]
     assert "_f0(metrics=metrics, step=step)" in pm.callers.on_log.__hookloop_source__
+
+
+def test_arguments_bind_by_name_whatever_the_call_form() -> None:
+    seen = []
+
+    def forwarding(func):
+        @functools.wraps(func)
+        def wrapper(self, **kwargs):  # takes keywords only; its signature reads as func's
+            return func(self, **kwargs)
+
+        return wrapper
+
+    class Mixed:
+        def on_log_text(self, text, name, *, step, time=None):
+            seen.append(("mixed", text, name, step, time))
+
+    class Decorated:
+        @forwarding
+        def on_log_text(self, name, text):
+            seen.append(("decorated", name, text))
+
+    pm = PluginManager()
+    pm.register(Mixed())
+    pm.register(Decorated())
+    pm.callers.on_log_text("L", "tag", "hello", 3, 1.0)
+    assert seen == [("mixed", "hello", "tag", 3, None), ("decorated", "tag", "hello")]
+    src = pm.callers.on_log_text.__hookloop_source__
+    assert "_f0(text, name, step=step)" in src and "_f1(name=name, text=text)" in src
 
 
 @pytest.mark.parametrize(
@@ -540,4 +569,4 @@ def test_tracebacks_show_the_generated_plan_line() -> None:
     else:  # pragma: no cover
         raise AssertionError("no exception")
     assert "<hookloop plan on_log " in text
-    assert "_r = _f0(loop=loop, metrics=metrics)" in text
+    assert "_r = _f0(loop, metrics)" in text
