@@ -10,8 +10,8 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-__all__ = ["DistInfo", "all_gather_object", "all_reduce_sum", "barrier", "set_epoch", "setup",
-           "unwrap", "wrap_model"]
+__all__ = ["DistInfo", "all_gather_object", "all_reduce_sum", "barrier", "destroy", "set_epoch",
+           "setup", "unwrap", "wrap_model"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # the loop initialised the process group (and destroys it)
 
 
 def setup(mode: str | bool, device: torch.device) -> DistInfo:
@@ -31,17 +32,25 @@ def setup(mode: str | bool, device: torch.device) -> DistInfo:
         return DistInfo()
     if mode not in ("auto", True):
         raise ValueError(f"distributed={mode!r}; expected 'auto' or False")
+    owns = False
     if not tdist.is_initialized():
         env = os.environ
         if int(env.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in env and "RANK" in env:
             backend = "nccl" if device.type == "cuda" else "gloo"
             tdist.init_process_group(backend=backend)
+            owns = True
         else:
             return DistInfo()
     world = tdist.get_world_size()
     if world <= 1:
-        return DistInfo()
-    return DistInfo(True, tdist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+        return DistInfo(owns_group=owns)
+    return DistInfo(True, tdist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")), owns)
+
+
+def destroy() -> None:
+    """Destroy the default process group (if it still exists)."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def _is_fsdp(model: nn.Module) -> bool:

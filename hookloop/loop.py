@@ -1,15 +1,23 @@
-"""The training loop: counters, device placement, optimisation, metrics and hooks.
+"""The training loop: epochs, steps, validation and the hooks they fire.
 
-Everything else (checkpointing, early stopping, trackers, ...) is a plugin that uses the
-public hooks in :mod:`hookloop.hookspecs` and the public methods of :class:`Loop`.
+The loop's other contracts each live in a module of their own: metrics and their
+reduction in :mod:`hookloop.metrics`, optimisation and precision in
+:mod:`hookloop.optim`, checkpoint state and resume in :mod:`hookloop.resume`, plugin
+management and dispatch in :mod:`hookloop.plugins`. Everything else (checkpointing,
+early stopping, trackers, ...) is a plugin that uses the public hooks in
+:mod:`hookloop.hookspecs` and the public methods of :class:`Loop`.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import copy
 import inspect
 import logging
-import random
+import time
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -17,9 +25,11 @@ import torch
 from torch import nn
 
 from hookloop import _distributed as dist
-from hookloop.plugins import PluginManager
+from hookloop import resume
+from hookloop.metrics import MetricStore
+from hookloop.optim import Optimization, as_list
+from hookloop.plugins import Callers, PluginManager
 from hookloop.state import LoopState
-from hookloop.tracking import mask_secrets
 
 __all__ = ["Loop", "StepFn"]
 
@@ -28,8 +38,7 @@ log = logging.getLogger("hookloop")
 StepFn = Callable[["Loop", Any], Any]
 """``step_fn(loop, batch)``: returns a loss tensor, a dict with ``"loss"``, or ``None``."""
 
-STATE_FORMAT = "hookloop.loop/1"
-PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+STATE_FORMAT = resume.STATE_FORMAT
 
 
 def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -71,13 +80,18 @@ class Loop:
     :param val_every_n_epochs: validate every N epochs (and after the last epoch).
     :param val_metrics: name to ``fn(output, target) -> scalar tensor`` computed by the
         default validation step and logged as ``val/<name>``.
-    :param plugins: plugin objects, installed plugin names, ``(name, options)`` pairs,
-        or a mapping of name to options; called in list order.
+    :param plugins: plugin objects, installed plugin names, ``(name, options)`` pairs
+        (tuple or list), or a mapping of name to options (or to a plugin object, which
+        is then registered under that name); called in list order. The reserved option
+        ``name`` names an instance, so two plugins of one kind can be configured.
     :param hparams: user hyperparameters, merged into :attr:`hparams` for trackers.
     :param autoload: register always-on installed plugins (see
         ``HOOKLOOP_DISABLE_PLUGIN_AUTOLOAD``).
     :param distributed: ``"auto"`` uses an initialised process group or initialises
         one from torchrun's environment; ``False`` never does.
+
+    Use it as a context manager (``with Loop(...) as loop:``) or call :meth:`close` to
+    release what the loop and its plugins hold.
     """
 
     def __init__(
@@ -112,10 +126,6 @@ class Loop:
         _positive_int("log_every_n_steps", log_every_n_steps)
         _positive_int("grad_accum", grad_accum)
         _positive_int("val_every_n_epochs", val_every_n_epochs)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision={precision!r}; expected one of {PRECISIONS}")
-        if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(f"scheduler_interval={scheduler_interval!r}; expected 'epoch' or 'step'")
         if step_fn is None and loss_fn is None and train_data is not None:
             raise ValueError("give loss_fn for the default supervised step, or a step_fn")
         if manual_optimization and step_fn is None:
@@ -126,36 +136,30 @@ class Loop:
 
         self.state = LoopState()
         self.pm = PluginManager()
-        self.hooks = self.pm.hooks
-
+        self.callers: Callers = self.pm.callers
         self.device = torch.device(device) if device is not None else _model_device(model)
         self.model: nn.Module = model.to(self.device)
         self.module = dist.unwrap(self.model)  # the inner model of a DDP model passed in
-        self.optimizers: list[torch.optim.Optimizer] = _as_list(optimizer)
-        self.schedulers: list[Any] = _as_list(scheduler)
-        self._check_optimizers()
+        self.optim = Optimization(
+            self, as_list(optimizer), as_list(scheduler), precision=precision,
+            grad_accum=grad_accum, grad_clip_norm=grad_clip_norm, grad_clip_value=grad_clip_value,
+            scheduler_interval=scheduler_interval, scheduler_monitor=scheduler_monitor,
+        )
+        self.optim.check(self.module)
+        self.optimizers = self.optim.optimizers
+        self.schedulers = self.optim.schedulers
+        self.scaler = self.optim.scaler
+        self.metrics = MetricStore(self)
         self.train_data = train_data
         self.val_data = val_data
         self.loss_fn = loss_fn
         self.step_fn = step_fn
         self.val_step_fn = val_step_fn
         self.manual_optimization = manual_optimization
-        self.scheduler_interval = scheduler_interval
-        self.scheduler_monitor = scheduler_monitor
-        self.precision = precision
-        self.grad_accum = grad_accum
-        self.grad_clip_norm = grad_clip_norm
-        self.grad_clip_value = grad_clip_value
         self.log_every_n_steps = log_every_n_steps
         self.val_every_n_epochs = val_every_n_epochs
         self.val_metrics = dict(val_metrics or {})
         self.user_hparams = dict(hparams or {})
-
-        if precision == "16-mixed" and self.device.type != "cuda":
-            raise ValueError("precision='16-mixed' needs a CUDA device; use 'bf16-mixed' on CPU")
-        self._autocast_dtype = {"32": None, "bf16-mixed": torch.bfloat16,
-                                "16-mixed": torch.float16}[precision]
-        self.scaler = torch.amp.GradScaler("cuda") if precision == "16-mixed" else None
 
         self._dist = dist.setup(distributed, self.device)
         if self._dist.active:
@@ -165,63 +169,93 @@ class Loop:
             self.model = dist.wrap_model(self.model, self.device)
             self.pm.set_rank(self._dist.rank)
 
-        # metrics not yet reduced: name -> list of detached tensors / floats
-        self._pending: dict[str, list[Any]] = {}
-        self._epoch_acc: dict[str, list[Any]] = {}  # name -> [sum tensor/float, count]
-        self._val_pending: dict[str, list[Any]] = {}
-        self._skip_step = False
-        self._accumulated = 0  # micro-batches back-propagated since the last optimizer step
-        self._warned_partial = False
         self.plugin_failures: list[str] = []
+        self._given_names: set[str] = set()  # plugin names the user chose
         self._stop_epoch = False
         self._stop_agreed = False  # DDP: a stop every rank agreed on (see _agree_stop)
-        self._stepped_manual = False
         self._rng_epoch_start: dict[str, Any] | None = None
         self._resume_rng: dict[str, Any] | None = None
         self._loader_state: dict[str, Any] = {}
-        self._flush_due = False
-        self._resume_flush = False
+        self._epoch_len = -1
+        self._closed = False
+        _OPEN_LOOPS.add(self)
 
         if autoload:
             self.pm.load_autoload_plugins()
         self.add_plugins(plugins)
 
+    # ------------------------------------------------------------------ options
+
+    precision = property(lambda self: self.optim.precision, doc="The precision setting.")
+    grad_accum = property(lambda self: self.optim.grad_accum, doc="Micro-batches per step.")
+    grad_clip_norm = property(lambda self: self.optim.grad_clip_norm, doc="Gradient norm clip.")
+    grad_clip_value = property(lambda self: self.optim.grad_clip_value, doc="Gradient value clip.")
+
+    @property
+    def hooks(self) -> Callers:
+        """Renamed to :attr:`callers` (the compiled callers; pluggy's ``pm.hook`` is
+        another thing). Warns; kept for one release."""
+        warnings.warn("Loop.hooks is renamed to Loop.callers (pluggy's pm.hook bypasses "
+                      "hookloop's filters and fault policies)", FutureWarning, stacklevel=2)
+        return self.callers
+
     # ------------------------------------------------------------------ plugins
 
     def add_plugins(self, plugins: Iterable[Any] | Mapping[str, Any] | None) -> list[str]:
-        """Register plugins: objects, installed names, ``(name, options)`` pairs or a
-        mapping of name to options. The first in the list is called first."""
+        """Register plugins, first in the list called first: objects, installed names,
+        ``(name, options)`` pairs (tuple or list), or a mapping of name to options or
+        to an object. Returns the registered names.
+
+        A plugin object that was used by another loop starts fresh here: its
+        ``load_state_dict`` receives the state it had before its first loop (a
+        checkpoint restores it later). A second ``fit`` on this loop continues."""
         if plugins is None:
             return []
         items = list(plugins.items()) if isinstance(plugins, Mapping) else list(plugins)
         names = []
-        # pluggy calls the latest registration first: register in reverse order
-        for item in reversed(items):
+        for item in items:
             if isinstance(item, str):
-                names.append(self.pm.load(item))
-            elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-                names.append(self.pm.load(item[0], item[1]))
+                name = self.pm.load(item)
+            elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
+                spec, value = item
+                if value is None or isinstance(value, Mapping):
+                    name = self.pm.load(spec, value)
+                    if value and "name" in value:
+                        self._given_names.add(name)
+                else:  # {name: plugin object}
+                    name = self.pm.register(value, spec)
+                    self._given_names.add(name)
             else:
-                names.append(self.pm.register(item))
-        return list(reversed(names))
+                name = self.pm.register(item)
+            self._claim(self.pm.get_plugin(name))
+            names.append(name)
+        return names
+
+    def _claim(self, plugin: Any) -> None:
+        """Per-run state: remember a plugin's state before its first loop, and restore
+        it when the object joins another loop."""
+        if not callable(getattr(plugin, "state_dict", None)) or not callable(
+                getattr(plugin, "load_state_dict", None)) or inspect.isclass(plugin):
+            return
+        owner = getattr(plugin, "_hookloop_owner", None)
+        if owner is None:
+            try:
+                plugin._hookloop_initial = copy.deepcopy(plugin.state_dict())
+                plugin._hookloop_owner = weakref.ref(self)
+            except (AttributeError, TypeError):  # __slots__ or frozen: cannot tell runs apart
+                pass
+            return
+        if owner() is not self:
+            initial = copy.deepcopy(plugin._hookloop_initial)
+            if "loop" in inspect.signature(plugin.load_state_dict).parameters:
+                plugin.load_state_dict(initial, loop=self)
+            else:
+                plugin.load_state_dict(initial)
+            plugin._hookloop_owner = weakref.ref(self)
 
     def get_plugin(self, name: str) -> Any:
         """The plugin registered under ``name`` (``None`` if there is none)."""
         return self.pm.get_plugin(name)
-
-    # ------------------------------------------------------------------ checks
-
-    def _check_optimizers(self) -> None:
-        params = {id(p) for p in self.module.parameters()}
-        for i, opt in enumerate(self.optimizers):
-            if not isinstance(opt, torch.optim.Optimizer):
-                raise TypeError(f"optimizer[{i}] must be a torch.optim.Optimizer; got {opt!r}")
-            held = [p for g in opt.param_groups for p in g["params"]]
-            if not any(id(p) in params for p in held):
-                raise ValueError(
-                    f"optimizer[{i}] ({type(opt).__name__}) holds none of the model's "
-                    f"parameters ({len(held)} foreign tensors); build it from model.parameters()"
-                )
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -265,19 +299,30 @@ class Loop:
         ``on_before_optimizer_step`` or earlier); gradients are zeroed. Under DDP the
         decision must be the same on every rank (base it on reduced values), since the
         step count decides when ranks meet for the metric reduction."""
-        self._skip_step = True
+        self.optim.skip = True
 
     def barrier(self) -> None:
         """Wait for every rank (no-op when not distributed)."""
         if self._dist.active:
             dist.barrier()
 
+    def _agree_stop(self, stop_votes: float, epoch_votes: float = 0.0) -> None:
+        # Under DDP a rank leaves the epoch only on an agreed stop (every rank at the
+        # same batch); a local request waits for the next reduction.
+        if stop_votes > 0 and not self.state.should_stop:
+            self.state.should_stop = True
+            self.state.stop_reason = "stop requested on another rank"
+        if epoch_votes > 0:
+            self._stop_epoch = True
+        self._stop_agreed = self._stop_agreed or stop_votes > 0 or epoch_votes > 0
+
     # ------------------------------------------------------------------ logging
 
     def log(self, name: str, value: torch.Tensor | float) -> None:
         """Record a scalar metric. Tensors are kept detached on their device and reduced
-        (mean) only at the log interval, epoch end and validation end: no host-device
-        sync here. During validation values go to the validation reduction."""
+        (mean, in float64) only at the log interval, epoch end and validation end: no
+        host-device sync here. During validation values go to the validation reduction.
+        See :mod:`hookloop.metrics` for what ``loop.state.metrics`` holds when."""
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise ValueError(
@@ -289,108 +334,45 @@ class Loop:
             value = float(value)
         else:
             raise TypeError(f"loop.log({name!r}): expected a tensor or a number; got {value!r}")
-        self._record(name, value)
-
-    def _record(self, name: str, value: torch.Tensor | float) -> None:
-        bucket = self._val_pending if self.state.stage == "validate" else self._pending
-        values = bucket.get(name)
-        if values is None:
-            bucket[name] = [value]
-        else:
-            values.append(value)
+        self.metrics.record(name, value)
 
     def log_text(self, name: str, text: str) -> None:
         """Send text (e.g. a model summary) to every tracker now."""
-        h = self.hooks.on_log_text
+        h = self.callers.on_log_text
         if h is not None:
-            h(self, name, str(text), self.state.global_step)
+            h(self, name, str(text), self.state.global_step, time.time())
 
     def log_image(self, name: str, image: Any) -> None:
         """Send an image (CPU tensor ``(C, H, W)`` in [0, 1], or a matplotlib figure)."""
-        h = self.hooks.on_log_image
+        h = self.callers.on_log_image
         if h is not None:
             if isinstance(image, torch.Tensor):
                 image = image.detach().cpu()
-            h(self, name, image, self.state.global_step)
+            h(self, name, image, self.state.global_step, time.time())
 
-    def _sum_count(self, values: list[Any]) -> tuple[Any, int]:
-        tensors = [v for v in values if isinstance(v, torch.Tensor)]
-        floats = [v for v in values if not isinstance(v, torch.Tensor)]
-        total: Any = 0.0
-        if tensors:  # a value logged from another device is moved here, at the flush
-            total = torch.stack([t.reshape(()).float().to(self.device, non_blocking=True)
-                                 for t in tensors]).sum()
-        if floats:
-            total = total + sum(floats)
-        return total, len(values)
-
-    def _reduce(self, sums: dict[str, tuple[Any, int]]) -> dict[str, float]:
-        """One host-device sync (and one collective under DDP) for every name."""
-        names = sorted(sums)
-        if not names and not self._dist.active:
-            return {}
-        vec = torch.stack([
-            s if isinstance(s, torch.Tensor)
-            else torch.tensor(float(s), device=self.device)
-            for s, _ in (sums[n] for n in names)
-        ]) if names else torch.zeros(0, device=self.device)
-        counts = [float(sums[n][1]) for n in names]
-        if self._dist.active:
-            votes = [float(self.state.should_stop), float(self._stop_epoch)]
-            extra = torch.tensor([*counts, *votes], device=vec.device)
-            both = dist.all_reduce_sum(torch.cat([vec.float(), extra]))
-            values = both.tolist()
-            n = len(names)
-            totals, counts = values[:n], values[n:2 * n]
-            self._agree_stop(values[2 * n], values[2 * n + 1])
-        else:
-            totals = vec.tolist()
-        return {name: t / c for name, t, c in zip(names, totals, counts, strict=True) if c}
-
-    def _agree_stop(self, stop_votes: float, epoch_votes: float = 0.0) -> None:
-        # Under DDP a rank leaves the epoch only on an agreed stop (every rank at the
-        # same batch); a local request waits here for the next reduction.
-        if stop_votes > 0 and not self.state.should_stop:
-            self.state.should_stop = True
-            self.state.stop_reason = "stop requested on another rank"
-        if epoch_votes > 0:
-            self._stop_epoch = True
-        self._stop_agreed = self._stop_agreed or stop_votes > 0 or epoch_votes > 0
-
-    def _take_pending(self) -> dict[str, tuple[Any, int]]:
-        """Sum the values logged since the last flush (no sync) and add them to the
-        epoch's running sums."""
-        pending, self._pending = self._pending, {}
-        sums = {name: self._sum_count(values) for name, values in pending.items()}
-        for name, (total, count) in sums.items():
-            acc = self._epoch_acc.get(name)
-            if acc is None:
-                self._epoch_acc[name] = [total, count]
-            else:
-                acc[0] = acc[0] + total
-                acc[1] += count
-        return sums
-
-    def _flush_interval(self) -> None:
-        sums = self._take_pending()
-        if sums or self._dist.active:  # under DDP every rank joins the reduction
-            self._emit(self._reduce(sums))
-
-    def _flush_epoch(self) -> dict[str, float]:
-        self._take_pending()
-        sums = {f"{name}_epoch": (acc[0], acc[1]) for name, acc in self._epoch_acc.items()}
-        self._epoch_acc = {}
-        metrics = self._reduce(sums) if (sums or self._dist.active) else {}
-        self._emit(metrics)
-        return metrics
-
-    def _emit(self, metrics: dict[str, float]) -> None:
-        if not metrics:
-            return
-        self.state.metrics.update(metrics)
-        h = self.hooks.on_log
+    def log_histogram(self, name: str, values: torch.Tensor) -> None:
+        """Send the distribution of ``values`` (e.g. a weight or its gradient) to the
+        trackers: one host-device copy, only when a plugin implements the hook."""
+        h = self.callers.on_log_histogram
         if h is not None:
-            h(self, dict(metrics), self.state.global_step)
+            flat = values.detach().reshape(-1).float().cpu().clone()
+            h(self, name, flat, self.state.global_step, time.time())
+
+    def log_graph(self, example_input: Any, model: nn.Module | None = None) -> None:
+        """Let trackers trace the model's graph with ``example_input`` (moved to the
+        loop's device), on this thread; ``model`` defaults to the inner model."""
+        h = self.callers.on_log_graph
+        if h is not None:
+            h(self, model if model is not None else self.module, self.to_device(example_input))
+
+    def log_mesh(self, name: str, vertices: torch.Tensor, faces: torch.Tensor | None = None,
+                 colors: torch.Tensor | None = None) -> None:
+        """Send a point cloud or mesh (TensorBoard's ``add_mesh`` layout: vertices
+        ``(B, N, 3)``, faces ``(B, F, 3)``, colors ``(B, N, 3)`` uint8)."""
+        h = self.callers.on_log_mesh
+        if h is not None:
+            cpu = [t.detach().cpu() if t is not None else None for t in (vertices, faces, colors)]
+            h(self, name, *cpu, self.state.global_step, time.time())
 
     # ------------------------------------------------------------------ devices
 
@@ -399,28 +381,16 @@ class Loop:
         already there are left alone, pinned tensors are copied non-blocking."""
         return _to_device(batch, self.device)
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self._autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The autocast context of the loop's precision (null for ``"32"``)."""
+        return self.optim.autocast()
 
     # ------------------------------------------------------------------ optimisation
 
     def backward(self, loss: torch.Tensor) -> None:
         """Back-propagate ``loss`` (divided by ``grad_accum``), firing the backward
         hooks; with a GradScaler the loss is scaled. Use it in manual optimisation."""
-        if self.grad_accum > 1:
-            loss = loss / self.grad_accum
-        h = self.hooks.on_before_backward
-        if h is not None:
-            h(self, loss)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        h = self.hooks.on_after_backward
-        if h is not None:
-            h(self)
+        self.optim.backward(loss)
 
     def optimizer_step(
         self, optimizer: torch.optim.Optimizer | None = None, *, update_scaler: bool = True
@@ -431,29 +401,7 @@ class Loop:
         GradScaler, pass ``update_scaler=False`` to all but the last one of an iteration
         (the scale is updated once per iteration)."""
         opt = optimizer if optimizer is not None else self.optimizers[0]
-        scaler = self.scaler
-        if scaler is not None:
-            scaler.unscale_(opt)
-        if self.grad_clip_norm is not None or self.grad_clip_value is not None:
-            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            if self.grad_clip_value is not None:
-                torch.nn.utils.clip_grad_value_(params, self.grad_clip_value)
-            if self.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
-        h = self.hooks.on_before_optimizer_step
-        if h is not None:
-            h(self, opt)
-        stepped = not self._skip_step
-        if stepped:
-            if scaler is not None:
-                scaler.step(opt)
-            else:
-                opt.step()
-        if scaler is not None and update_scaler:
-            scaler.update()
-        opt.zero_grad(set_to_none=True)
-        self._stepped_manual |= stepped
-        return stepped
+        return self.optim.optimizer_step(opt, update_scaler)
 
     # ------------------------------------------------------------------ steps
 
@@ -468,16 +416,17 @@ class Loop:
     def _train_step(self, batch: Any, batch_idx: int) -> Any:
         """Run one batch; returns the outputs that ``on_train_batch_end`` receives."""
         state = self.state
+        optim = self.optim
         if self.manual_optimization:
-            self._stepped_manual = False
-            with self._autocast():
+            optim.stepped_manual = False
+            with optim.autocast():
                 outputs = self.step_fn(self, batch)  # type: ignore[misc]
-            stepped = self._stepped_manual
-            self._skip_step = False
+            stepped = optim.stepped_manual
+            optim.skip = False
         else:
-            accum = self.grad_accum
+            accum = optim.grad_accum
             boundary = accum == 1 or (batch_idx + 1) % accum == 0 or batch_idx + 1 == self._epoch_len
-            if self._autocast_dtype is None and (boundary or not self._dist.active):
+            if optim.autocast_dtype is None and (boundary or not self._dist.active):
                 result = self._forward_backward(batch)  # fast path: no context managers
             else:
                 sync_ctx = (
@@ -489,50 +438,36 @@ class Loop:
                     result = self._forward_backward(batch)
             if result is None:
                 state.stepped = False
-                self._skip_step = False
+                optim.skip = False
                 return None
-            self._accumulated += 1
-            stepped = False
-            if boundary:
-                stepped = self._step_optimizers()
+            optim.accumulated += 1
+            stepped = optim.step_all() if boundary else False
             if isinstance(result, torch.Tensor):
                 loss = result.detach()
                 outputs = {"loss": loss}
                 if self.step_fn is None:
-                    self._record("train/loss", loss)
+                    self.metrics.record("train/loss", loss)
             else:
                 outputs = result
         state.stepped = stepped
         if stepped:
             state.global_step += 1
-            if self.scheduler_interval == "step":
-                for sched in self.schedulers:
-                    sched.step()
-            if state.global_step % self.log_every_n_steps == 0:
-                self._flush_due = True
+            if optim.scheduler_interval == "step":
+                optim.step_schedulers_per_step()
         return outputs
 
     def _forward_backward(self, batch: Any) -> Any:
         """The step function under autocast, then backward; ``None`` skips the batch."""
-        if self._autocast_dtype is None:
+        if self.optim.autocast_dtype is None:
             result = self._default_step(batch) if self.step_fn is None else self.step_fn(self, batch)
         else:
-            with self._autocast():
+            with self.optim.autocast():
                 result = self._default_step(batch) if self.step_fn is None else self.step_fn(self, batch)
         if result is None:
             return None
         loss = result["loss"] if isinstance(result, Mapping) else result
-        self.backward(_checked_loss(loss))
+        self.optim.backward(_checked_loss(loss))
         return result
-
-    def _step_optimizers(self) -> bool:
-        stepped = False
-        last = len(self.optimizers) - 1
-        for i, opt in enumerate(self.optimizers):
-            stepped |= self.optimizer_step(opt, update_scaler=i == last)
-        self._skip_step = False
-        self._accumulated = 0
-        return stepped
 
     # ------------------------------------------------------------------ fit
 
@@ -545,12 +480,18 @@ class Loop:
     ) -> LoopState:
         """Train until ``max_epochs`` epochs or ``max_steps`` optimizer steps (exactly
         one of them), or until a plugin requests a stop. ``resume`` is a dict from
-        :meth:`state_dict` (usually loaded by the checkpoint plugin) to continue from;
-        counters continue, so ``max_epochs`` counts from the start of the run.
+        :meth:`state_dict` to continue from; without it a plugin may supply one through
+        ``on_resume`` (the checkpoint plugin's ``resume=``). The restore happens before
+        any ``on_fit_start``; counters continue, so ``max_epochs`` counts from the start
+        of the run. A second ``fit`` on the same loop continues from where the first
+        ended.
 
         Returns the final :class:`LoopState`. Exceptions propagate after
-        ``on_exception`` fired.
+        ``on_exception`` fired; a fit that raises under DDP, or is ended by
+        ``KeyboardInterrupt``/``SystemExit``, also closes the loop (:meth:`close`).
         """
+        if self._closed:
+            raise RuntimeError("this Loop was closed; build a new Loop to train again")
         if (max_epochs is None) == (max_steps is None):
             raise ValueError(
                 f"give exactly one of max_epochs or max_steps; got max_epochs={max_epochs!r}, "
@@ -567,18 +508,25 @@ class Loop:
         state.should_stop, state.stop_reason = False, None
         self.pm.reset_run_state()
         try:
+            if resume is None:
+                h = self.callers.on_resume
+                resume = h(self) if h is not None else None
             if resume is not None:
                 self.load_state_dict(resume)
-            h = self.hooks.on_fit_start
+            h = self.callers.on_fit_start
             if h is not None:
                 h(self)
             self._run_epochs()
             state.stage = "idle"
-            h = self.hooks.on_fit_end
+            h = self.callers.on_fit_end
             if h is not None:
                 h(self)
         except BaseException as exc:
-            self._fire_exception(exc)
+            h = self.callers.on_exception
+            if h is not None:
+                h(self, exc)
+            if self._dist.active or not isinstance(exc, Exception):
+                self.close()
             raise
         finally:
             state.stage = "idle"
@@ -599,7 +547,7 @@ class Loop:
                 state.stop_reason = state.stop_reason or "max_steps"
                 return
             self._train_epoch()
-            metrics = self._flush_epoch()  # under DDP this also agrees on should_stop
+            metrics = self.metrics.reduce_epoch()  # under DDP this also agrees on should_stop
             last = (state.max_epochs is not None and state.epoch + 1 >= state.max_epochs) or (
                 state.max_steps is not None and state.global_step >= state.max_steps
             ) or state.should_stop
@@ -608,11 +556,11 @@ class Loop:
             )
             if validated:
                 metrics.update(self._run_validation())
-            if self.scheduler_interval == "epoch":
-                self._step_epoch_schedulers(metrics, validated)
+            if self.optim.scheduler_interval == "epoch":
+                self.optim.step_schedulers_per_epoch(metrics, validated)
             state.epoch_done = True
             state.stage = "train"
-            h = self.hooks.on_train_epoch_end
+            h = self.callers.on_train_epoch_end
             if h is not None:
                 h(self, state.epoch, dict(metrics))
             if self._dist.active:
@@ -621,29 +569,14 @@ class Loop:
             if state.should_stop:
                 return
 
-    def _step_epoch_schedulers(self, metrics: Mapping[str, float], validated: bool) -> None:
-        for sched in self.schedulers:
-            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                key = self.scheduler_monitor
-                if key is not None and key not in metrics and key.startswith("val/") and not validated:
-                    continue  # no validation this epoch: nothing to compare
-                if key is None or key not in metrics:
-                    raise ValueError(
-                        f"ReduceLROnPlateau needs scheduler_monitor naming an epoch metric; "
-                        f"got {key!r}; available: {sorted(metrics)}"
-                    )
-                sched.step(metrics[key])
-            else:
-                sched.step()
-
-    def _train_epoch(self) -> None:
+    def _start_epoch(self) -> Any:
+        """Fire ``on_train_epoch_start`` and return the epoch's batch iterator,
+        positioned after the batches a mid-epoch checkpoint already did."""
         state = self.state
         state.stage = "train"
         self.model.train()
         self._stop_epoch = False
         self._stop_agreed = False
-        self._flush_due = False
-        distributed = self._dist.active
         data = self.train_data
         dist.set_epoch(data, state.epoch)
         try:
@@ -651,36 +584,42 @@ class Loop:
         except TypeError:
             self._epoch_len = -1
         skip = state.epoch_batches_done
-        h = self.hooks.on_train_epoch_start
+        h = self.callers.on_train_epoch_start
         if h is not None:
             h(self, state.epoch)
         if skip and self._rng_epoch_start is not None:
             # resume mid-epoch: replay the epoch's shuffle, then continue with the
             # RNG state of the moment the checkpoint was taken
-            _set_rng(self._rng_epoch_start)
-            _set_loader_state(data, self._loader_state)
-        self._rng_epoch_start = _get_rng()
-        self._loader_state = _get_loader_state(data)
-        it = iter(data)
-        if skip:
-            for _ in range(skip):
-                next(it)
-            if self._resume_rng is not None:
-                _set_rng(self._resume_rng)
+            resume.set_rng(self._rng_epoch_start)
+            resume.set_loader_state(data, self._loader_state)
+        self._rng_epoch_start = resume.get_rng()
+        self._loader_state = resume.get_loader_state(data)
+        it = iter(data)  # type: ignore[arg-type]
+        for _ in range(skip):
+            next(it)
+        if skip and self._resume_rng is not None:
+            resume.set_rng(self._resume_rng)
         self._resume_rng = None
-        if self._resume_flush:
-            self._resume_flush = False
-            self._flush_interval()
-        hooks = self.hooks
+        if self.metrics.undelivered is not None:  # saved inside a log step's batch end
+            self.metrics.deliver()
+        return it
+
+    def _train_epoch(self) -> None:
+        state = self.state
+        it = self._start_epoch()
+        distributed = self._dist.active
+        callers = self.callers
+        metrics = self.metrics
         device = self.device
         move = device.type != "cpu"
-        batch_idx = skip
+        log_every = self.log_every_n_steps
+        batch_idx = state.epoch_batches_done
         train_step = self._train_step
         for batch in it:
             if move:
                 batch = _to_device(batch, device)
             state.batch_idx = batch_idx
-            h = hooks.on_train_batch_start
+            h = callers.on_train_batch_start
             if h is not None:
                 h(self, batch, batch_idx)
                 if self._stop_agreed if distributed else (self._stop_epoch or state.should_stop):
@@ -689,28 +628,21 @@ class Loop:
             state.outputs = outputs
             batch_idx += 1
             state.epoch_batches_done = batch_idx
-            h = hooks.on_train_batch_end
+            log_step = state.stepped and state.global_step % log_every == 0
+            if log_step:  # the interval that ends here, before anyone looks
+                metrics.reduce_interval()
+            h = callers.on_train_batch_end
             if h is not None:
                 h(self, outputs, batch, batch_idx - 1)
-            if self._flush_due:
-                self._flush_due = False
-                self._flush_interval()
+            if log_step:
+                metrics.deliver()
             if self._stop_agreed if distributed else (state.should_stop or self._stop_epoch):
                 break
             if state.max_steps is not None and state.global_step >= state.max_steps:
                 break
         state.outputs = None
-        if self._accumulated and not self.manual_optimization:
-            # an accumulation window the epoch did not finish (a data source without
-            # len, or a stop mid-window): its gradients must not leak into the next
-            # epoch or be missing from a checkpoint, so they are dropped
-            if not self._warned_partial:
-                self._warned_partial = True
-                log.warning("hookloop: %d micro-batch(es) of an unfinished accumulation window "
-                            "dropped at the end of epoch %d", self._accumulated, state.epoch)
-            for opt in self.optimizers:
-                opt.zero_grad(set_to_none=True)
-            self._accumulated = 0
+        if self.optim.accumulated and not self.manual_optimization:
+            self.optim.drop_partial_window(state.epoch)
 
     # ------------------------------------------------------------------ validation
 
@@ -726,37 +658,32 @@ class Loop:
         state = self.state
         previous_stage = state.stage
         was_training = self.model.training
-        hooks = self.hooks
+        callers = self.callers
         state.stage = "validate"
         self.model.eval()
-        self._val_pending = {}
+        self.metrics.val_pending = {}
         try:
             with torch.no_grad():
-                h = hooks.on_validation_start
+                h = callers.on_validation_start
                 if h is not None:
                     h(self)
                 for batch_idx, batch in enumerate(data):
                     batch = _to_device(batch, self.device)
-                    with self._autocast():
+                    with self.optim.autocast():
                         if self.val_step_fn is not None:
                             outputs = self.val_step_fn(self, batch)
                         else:
                             outputs = self._default_val_step(batch)
-                    h = hooks.on_validation_batch_end
+                    h = callers.on_validation_batch_end
                     if h is not None:
                         h(self, outputs, batch, batch_idx)
-            pending = self._val_pending
-            sums = {name: self._sum_count(values) for name, values in pending.items()}
-            metrics = self._reduce(sums) if (sums or self._dist.active) else {}
-            state.metrics.update(metrics)
-            h = hooks.on_validation_end
+            metrics, now = self.metrics.reduce_validation()
+            h = callers.on_validation_end
             if h is not None:
                 h(self, dict(metrics))
-            h = hooks.on_log
-            if h is not None and metrics:
-                h(self, dict(metrics), state.global_step)
+            self.metrics.emit(metrics, now)
         finally:  # also when a step or hook raises and the caller goes on
-            self._val_pending = {}
+            self.metrics.val_pending = {}
             self.model.train(was_training)
             state.stage = previous_stage
         return metrics
@@ -776,25 +703,6 @@ class Loop:
             self.log(f"val/{name}", fn(output, batch[1]))
         return {"loss": loss.detach(), "output": output.detach()}
 
-    # ------------------------------------------------------------------ exceptions
-
-    def _fire_exception(self, exc: BaseException) -> None:
-        for entry in self.pm.plan_entries("on_exception"):
-            impl = entry.impl
-            kwargs = {"loop": self, "exception": exc}
-            try:
-                result = impl.function(*(kwargs[a] for a in impl.argnames))
-                if impl.wrapper or impl.hookwrapper:  # drive a wrapper through its teardown
-                    next(result)
-                    try:
-                        result.send(None)
-                    except StopIteration:
-                        pass
-            except KeyboardInterrupt:
-                raise
-            except BaseException as inner:  # never replace the original exception
-                log.error("hookloop: plugin %r failed in on_exception: %r", impl.plugin_name, inner)
-
     def _report_failures(self) -> None:
         lines = self.pm.failure_summary()
         if lines:
@@ -808,116 +716,77 @@ class Loop:
         ``torch.load(weights_only=True)``. Under DDP every rank must call it (RNG
         states of all ranks are gathered, so rank 0 can write them all).
 
-        Keys: ``format``, ``model``, ``optimizers``, ``schedulers``, ``scaler``,
-        ``loop`` (counters), ``metrics_pending``, ``rng`` (one entry per rank, each
-        with ``now``, ``epoch_start`` and ``loader``; under DDP also that rank's own
-        ``metrics_pending``), ``plugins`` (each plugin's own
-        ``state_dict()`` under its registered name), ``hparams``; plugins may add keys
-        in ``on_save_checkpoint``.
+        Keys: ``format`` (``hookloop.loop/2``), ``model``, ``optimizers``,
+        ``schedulers``, ``scaler``, ``layout`` (optimizer and scheduler classes and
+        group sizes), ``loop`` (counters and stamped metrics), ``metrics_pending``,
+        ``rng`` (one entry per rank, each with ``now``, ``epoch_start``, ``loader`` and
+        ``loader_now``; under DDP also that rank's own ``metrics_pending``),
+        ``plugins`` (each stateful plugin's ``state_dict()`` under its state key, see
+        :mod:`hookloop.resume`), ``plugin_meta``, ``hparams``; plugins may add keys in
+        ``on_save_checkpoint``.
         """
-        pending: dict[str, Any] = {}
-        for name, values in self._pending.items():
-            total, count = self._sum_count(values)
-            pending[name] = [_to_plain(total), count]
-        epoch_acc = {name: [_to_plain(acc[0]), acc[1]] for name, acc in self._epoch_acc.items()}
-        rng = {
-            "now": _get_rng(),
-            "epoch_start": self._rng_epoch_start,
-            "loader": self._loader_state,
-            "loader_now": _get_loader_state(self.train_data),
-        }
-        if self._dist.active:  # each rank's metrics not yet reduced are its own
-            rng["metrics_pending"] = {"interval": pending, "epoch": epoch_acc}
-        ranks = dist.all_gather_object(rng) if self._dist.active else [rng]
-        checkpoint: dict[str, Any] = {
-            "format": STATE_FORMAT,
-            "model": self.module.state_dict(),
-            "optimizers": [opt.state_dict() for opt in self.optimizers],
-            "schedulers": [s.state_dict() for s in self.schedulers],
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "loop": self.state.counters(),
-            "metrics_pending": {"interval": pending, "epoch": epoch_acc,
-                                "flush_due": self._flush_due},
-            "rng": ranks,
-            "plugins": {},
-            "hparams": _plain_hparams(mask_secrets(self.hparams)),  # checkpoints get uploaded
-        }
-        for name, plugin in self.pm.plugin_items():
-            getter = getattr(plugin, "state_dict", None)
-            if callable(getter) and not isinstance(plugin, type):
-                checkpoint["plugins"][name] = getter()
-        h = self.hooks.on_save_checkpoint
-        if h is not None:
-            h(self, checkpoint)
-        return checkpoint
+        return resume.state_dict(self)
 
     def load_state_dict(self, checkpoint: Mapping[str, Any], *, strict: bool = True) -> None:
-        """Restore :meth:`state_dict` output. Order: model, plugins (so that e.g. a
-        freezing plugin rebuilds param groups; a plugin's ``load_state_dict`` that takes a
-        ``loop`` keyword receives this loop), optimizers, schedulers, scaler,
-        counters, pending metrics, RNG; then ``on_load_checkpoint`` fires."""
-        fmt = checkpoint.get("format")
-        if fmt != STATE_FORMAT:
-            raise ValueError(f"not a hookloop loop state (format={fmt!r}; expected {STATE_FORMAT!r})")
-        self.module.load_state_dict(checkpoint["model"], strict=strict)
-        plugin_states = checkpoint.get("plugins", {})
-        for name, plugin in self.pm.plugin_items():
-            loader = getattr(plugin, "load_state_dict", None)
-            if name in plugin_states and callable(loader):
-                if "loop" in inspect.signature(loader).parameters:
-                    loader(plugin_states[name], loop=self)  # e.g. to rebuild param groups
-                else:
-                    loader(plugin_states[name])
-        missing = [n for n in plugin_states if self.pm.get_plugin(n) is None]
-        if missing:
-            log.warning("hookloop: checkpoint holds state of plugins not registered now: %s", missing)
-        opts = checkpoint["optimizers"]
-        if len(opts) != len(self.optimizers):
-            raise ValueError(f"checkpoint has {len(opts)} optimizer states; loop has {len(self.optimizers)}")
-        for opt, sd in zip(self.optimizers, opts, strict=True):
-            opt.load_state_dict(sd)
-        scheds = checkpoint.get("schedulers", [])
-        if len(scheds) != len(self.schedulers):
-            raise ValueError(
-                f"checkpoint has {len(scheds)} scheduler states; loop has {len(self.schedulers)}"
-            )
-        for sched, sd in zip(self.schedulers, scheds, strict=True):
-            sched.load_state_dict(sd)
-        if self.scaler is not None and checkpoint.get("scaler"):
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        self.state.load_counters(checkpoint["loop"])
-        ranks = checkpoint.get("rng") or []
-        mine = ranks[self.state.rank] if self.state.rank < len(ranks) else (ranks[0] if ranks else None)
-        pending = (mine or {}).get("metrics_pending") or checkpoint.get("metrics_pending", {})
-        # an interval's values come back as its exact sum plus zeros, `count` in all
-        self._pending = {n: [_from_plain(v[0], self.device), *[0.0] * (int(v[1]) - 1)]
-                         for n, v in pending.get("interval", {}).items() if v[1]}
-        self._epoch_acc = {n: [_from_plain(v[0], self.device), int(v[1])]
-                           for n, v in pending.get("epoch", {}).items()}
-        # saved in on_train_batch_end of a logging step: that step's flush is still due
-        self._resume_flush = bool(pending.get("flush_due", False))
-        if mine is not None:
-            _set_rng(mine["now"])
-            # the loader's own generators: the next epoch's shuffle continues from here
-            _set_loader_state(self.train_data, mine.get("loader_now") or {})
-            self._rng_epoch_start = mine.get("epoch_start")
-            self._loader_state = mine.get("loader") or {}
-            mid_epoch = self.state.epoch_batches_done and not self.state.epoch_done
-            self._resume_rng = mine["now"] if mid_epoch else None
-        h = self.hooks.on_load_checkpoint
-        if h is not None:
-            h(self, checkpoint)
+        """Restore :meth:`state_dict` output in two phases: validate everything (model
+        keys and shapes, optimizer and scheduler layout, plugin states; a mismatch raises
+        :class:`~hookloop.resume.ResumeError` listing every problem and changes
+        nothing), then apply: model, plugins (tensors on ``loop.device``; a plugin's
+        ``load_state_dict`` that takes a ``loop`` keyword receives this loop),
+        optimizers, schedulers, scaler, counters, pending metrics, RNG; then
+        ``on_load_checkpoint`` fires. ``strict=False`` allows missing or unexpected
+        model keys and turns missing or unknown plugin state into warnings.
+        Checkpoints of format ``hookloop.loop/1`` are migrated."""
+        resume.load_state_dict(self, checkpoint, strict=strict)
+
+    # ------------------------------------------------------------------ teardown
+
+    def close(self) -> None:
+        """Release what the loop and its plugins hold: fires ``on_close`` (tracker
+        workers, signal handlers, staging buffers; every plugin is called even if one
+        fails) and destroys the process group if this loop created it. Idempotent;
+        called by ``with Loop(...)``, by a fit that raises under DDP or by
+        ``KeyboardInterrupt``/``SystemExit``, and at interpreter exit for loops still
+        open. A closed loop cannot fit again."""
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN_LOOPS.discard(self)
+        try:
+            h = self.callers.on_close
+            if h is not None:
+                h(self)
+        finally:
+            if self._dist.owns_group:
+                dist.destroy()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran."""
+        return self._closed
+
+    def __enter__(self) -> Loop:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------- helpers
 
+_OPEN_LOOPS: weakref.WeakSet[Loop] = weakref.WeakSet()
 
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value]
+
+@atexit.register
+def _close_open_loops() -> None:
+    """At interpreter exit, close loops still open, so that process groups they created
+    are destroyed before torch's own teardown (a joinable C++ thread otherwise aborts
+    the process with ``terminate called without an active exception``)."""
+    for loop in list(_OPEN_LOOPS):
+        try:
+            loop.close()
+        except Exception as exc:  # exiting anyway: report and go on
+            log.error("hookloop: closing a loop at exit failed: %r", exc)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -947,87 +816,4 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Mapping):
         return {k: _to_device(v, device) for k, v in batch.items()}
     return batch
-
-
-def _to_plain(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    return float(value)
-
-
-def _from_plain(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    return float(value)
-
-
-def _plain_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in hparams.items():
-        if v is None or isinstance(v, (bool, int, float, str)):
-            out[str(k)] = v
-        else:
-            out[str(k)] = repr(v)
-    return out
-
-
-def _get_rng() -> dict[str, Any]:
-    version, internal, gauss = random.getstate()
-    state: dict[str, Any] = {
-        "python": [version, list(internal), gauss],
-        "torch": torch.get_rng_state(),
-    }
-    try:
-        import numpy as np
-    except ImportError:  # numpy is optional
-        pass
-    else:
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = [name, torch.from_numpy(keys.astype("int64")), int(pos),
-                          int(has_gauss), float(cached)]
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng(state: Mapping[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        try:
-            import numpy as np
-        except ImportError:
-            pass
-        else:
-            name, keys, pos, has_gauss, cached = state["numpy"]
-            np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _generators(data: Any) -> dict[str, torch.Generator]:
-    gens = {}
-    gen = getattr(data, "generator", None)
-    if isinstance(gen, torch.Generator):
-        gens["loader"] = gen
-    sampler = getattr(data, "sampler", None)
-    gen = getattr(sampler, "generator", None)
-    if isinstance(gen, torch.Generator):
-        gens["sampler"] = gen
-    batch_sampler = getattr(data, "batch_sampler", None)
-    gen = getattr(getattr(batch_sampler, "sampler", None), "generator", None)
-    if isinstance(gen, torch.Generator):
-        gens.setdefault("sampler", gen)
-    return gens
-
-
-def _get_loader_state(data: Any) -> dict[str, Any]:
-    return {name: gen.get_state() for name, gen in _generators(data).items()}
-
-
-def _set_loader_state(data: Any, states: Mapping[str, Any]) -> None:
-    for name, gen in _generators(data).items():
-        if name in states:
-            gen.set_state(states[name])
 

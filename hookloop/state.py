@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hookloop.metrics import MetricStamp
+
 __all__ = ["LoopState"]
 
 _COUNTERS = ("epoch", "global_step", "batch_idx", "epoch_batches_done", "epoch_done")
@@ -24,8 +26,12 @@ class LoopState:
       accumulation micro-batches and on skipped steps).
     - ``stage``: ``"idle"``, ``"train"`` or ``"validate"``.
     - ``outputs``: what the step function returned for the current batch.
-    - ``metrics``: the latest reduced metrics as plain floats (updated at every flush:
-      log interval, epoch end, validation end).
+    - ``metrics``: the latest reduced metrics as plain floats (updated at every
+      reduction: a log step before its ``on_train_batch_end``, epoch end, validation
+      end; see :mod:`hookloop.metrics`).
+    - ``metric_stamps``: name to :class:`~hookloop.metrics.MetricStamp`, the step,
+      epoch and stage each value in ``metrics`` belongs to, so a plugin can tell a
+      fresh value from a stale one.
     - ``stop_reason``: why training stopped or will stop (``None`` while running);
       ``"max_epochs"``/``"max_steps"`` on normal completion, else the reason given to
       ``loop.request_stop``.
@@ -44,6 +50,7 @@ class LoopState:
         "is_global_zero",
         "max_epochs",
         "max_steps",
+        "metric_stamps",
         "metrics",
         "outputs",
         "rank",
@@ -64,6 +71,7 @@ class LoopState:
         self.stepped = False
         self.outputs: Any = None
         self.metrics: dict[str, float] = {}
+        self.metric_stamps: dict[str, MetricStamp] = {}
         self.stop_reason: str | None = None
         self.should_stop = False
         self.max_epochs: int | None = None
@@ -76,6 +84,7 @@ class LoopState:
         """The counters that a checkpoint stores (plain ints/bools/floats)."""
         out: dict[str, Any] = {k: getattr(self, k) for k in _COUNTERS}
         out["metrics"] = dict(self.metrics)
+        out["metric_stamps"] = {k: v.as_list() for k, v in self.metric_stamps.items()}
         return out
 
     def load_counters(self, counters: dict[str, Any]) -> None:
@@ -83,6 +92,8 @@ class LoopState:
         for k in _COUNTERS:
             setattr(self, k, counters[k])
         self.metrics = dict(counters.get("metrics", {}))
+        self.metric_stamps = {k: MetricStamp.from_list(v)
+                              for k, v in counters.get("metric_stamps", {}).items()}
 
     def __repr__(self) -> str:
         return (

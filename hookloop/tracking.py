@@ -172,6 +172,8 @@ class Tracker:
 
     hookloop_rank_zero_only = True
     hookloop_on_error = "warn"
+    # a resume without a tracker's state is incomplete (a new run), not wrong
+    hookloop_state_required = False
     hookloop_after = ("summary", "checkpoint", "early_stopping")
     tracker_name = "tracker"
     uploads_artifacts = True
@@ -540,3 +542,12 @@ class Tracker:
     def on_exception(self) -> None:
         """Close the run as failed (the crash still propagates)."""
         self._finish("failed")
+
+    @hookimpl
+    def on_close(self) -> None:
+        """Release what a fit left open (a run not yet finished is closed as failed:
+        nothing ended it) and the staging folder."""
+        self._finish("failed")
+        if self._staging is not None and (self._thread is None or not self._thread.is_alive()):
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None

@@ -68,7 +68,8 @@ def test_every_hook_is_documented_in_its_spec() -> None:
         ]:
             assert f":param {arg}:" in doc, f"{name}: argument {arg!r} undocumented"
         assert "return" in doc.lower(), f"{name}: say what a return value means"
-    assert sorted(HOOK_NAMES) == sorted(hookspecs.__all__)
+    assert sorted(HOOK_NAMES) == sorted(n for n in hookspecs.__all__ if n != "ALIASES")
+    assert set(hookspecs.ALIASES.values()) <= set(HOOK_NAMES)
 
 
 class _Announcer:
@@ -76,11 +77,17 @@ class _Announcer:
 
     @hookimpl
     def on_train_epoch_end(self, loop, metrics):
-        h = loop.hooks.on_checkpoint_saved
+        h = loop.callers.on_checkpoint_saved
         if h is not None:
             h(loop, "/tmp/x.pt", dict(metrics), True)
+        h = loop.callers.on_checkpoint_removed
+        if h is not None:
+            h(loop, "/tmp/x.pt")
         loop.log_text("note", "hello")
         loop.log_image("img", torch.zeros(3, 2, 2))
+        loop.log_histogram("weights", loop.module[0].weight)
+        loop.log_graph(torch.zeros(1, 4))
+        loop.log_mesh("cloud", torch.zeros(1, 5, 3))
         loop.state_dict()
 
 
@@ -89,6 +96,7 @@ def test_every_hook_fires_in_some_run() -> None:
     loop = tiny_loop([_Announcer(), rec])
     loop.fit(max_epochs=1)
     loop.load_state_dict(loop.state_dict())
+    loop.close()
 
     class Boom:
         def on_train_batch_start(self, batch_idx):
@@ -101,4 +109,38 @@ def test_every_hook_fires_in_some_run() -> None:
     text = rec.of("on_log_text")[0].kwargs
     assert text["name"] == "note" and text["text"] == "hello"
     assert rec.of("on_checkpoint_saved")[0].kwargs["is_best"] is True
+    assert rec.of("on_checkpoint_removed")[0].kwargs["path"] == "/tmp/x.pt"
+    hist = rec.of("on_log_histogram")[0].kwargs
+    assert hist["values"].shape == (64,) and hist["values"].device.type == "cpu"
+    assert rec.of("on_log_graph")[0].kwargs["model"] is loop.module
+    assert rec.of("on_log_mesh")[0].kwargs["faces"] is None
     assert isinstance(rec.of("on_exception")[0].kwargs["exception"], RuntimeError)
+
+
+def test_firing_order_with_a_resume_and_the_alias_names() -> None:
+    """The documented order holds for a resumed fit, and a plugin written with the alias
+    names is called exactly where the canonical hooks fire."""
+
+    class Aliased:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def on_batch_end(self) -> None:
+            self.calls.append("on_train_batch_end")
+
+        def on_epoch_end(self) -> None:
+            self.calls.append("on_train_epoch_end")
+
+    data = {"train_data": tiny_data(16, 8), "val_data": tiny_data(8, 8, 1), "log_every_n_steps": 2}
+    first = tiny_loop(**data)
+    first.fit(max_epochs=1)
+    ckpt = first.state_dict()
+    rec, aliased = HookRecorder(), Aliased()
+    loop = tiny_loop([rec, aliased], **data)
+    loop.fit(max_epochs=2, resume=ckpt)
+    order = documented_order()
+    second_epoch = order[order.index("on_train_epoch_end") + 1:]
+    # fit(resume=...) skips on_resume; the restore fires on_load_checkpoint first
+    assert rec.names() == ["on_load_checkpoint", "on_fit_start", *second_epoch]
+    canonical = [n for n in rec.names() if n in ("on_train_batch_end", "on_train_epoch_end")]
+    assert aliased.calls == canonical

@@ -88,7 +88,7 @@ def test_bf16_autocast_on_cpu() -> None:
 
     class Probe:
         def on_train_batch_end(self, loop, batch):
-            with loop._autocast():
+            with loop.autocast():
                 dtypes.append(loop.module(batch[0]).dtype)
 
     loop = tiny_loop([Probe()], precision="bf16-mixed")
@@ -381,7 +381,7 @@ def test_validation_hooks_see_no_grad_and_a_failed_validation_restores_the_loop(
     assert seen == [False]
     assert loop.module.training and loop.state.stage == "idle"
     loop.log("train/y", 1.0)
-    assert "train/y" in loop._pending and not loop._val_pending
+    assert "train/y" in loop.metrics.pending and not loop.metrics.val_pending
 
 
 def test_on_exception_wrappers_run_and_a_plugin_exit_does_not_replace_the_crash() -> None:

@@ -189,7 +189,7 @@ def test_best_checkpoint_survives_rotation_until_uploaded(tmp_path: Path) -> Non
         def on_train_epoch_end(self, loop, epoch, metrics):
             ckpt = tmp_path / f"epoch{epoch}.pt"
             ckpt.write_bytes(f"weights of epoch {epoch}".encode())
-            loop.hooks.on_checkpoint_saved(loop, str(ckpt), dict(metrics), True)
+            loop.callers.on_checkpoint_saved(loop, str(ckpt), dict(metrics), True)
             ckpt.unlink()  # best-k rotation deletes it right away
             if epoch == 1:
                 release.set()
@@ -247,7 +247,7 @@ def test_staging_survives_many_uploads_and_close_is_never_dropped(tmp_path: Path
             ckpt = tmp_path / "ckpt" / f"e{epoch}.pt"
             ckpt.parent.mkdir(exist_ok=True)
             ckpt.write_text(str(epoch))
-            loop.hooks.on_checkpoint_saved(loop, str(ckpt), dict(metrics), True)
+            loop.callers.on_checkpoint_saved(loop, str(ckpt), dict(metrics), True)
             ckpt.unlink()
             assert loop.get_plugin("Uploader").wait(10)  # each upload done before the next
 

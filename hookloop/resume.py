@@ -1,0 +1,416 @@
+"""Resume and state: what ``loop.state_dict()`` holds and how a checkpoint is restored.
+
+A resume is one core step, requested through ``fit(resume=...)`` or by a plugin's
+``on_resume``; it runs before any ``on_fit_start``. Loading has two phases:
+
+1. **validate** everything (format, model keys and shapes, optimizer and scheduler
+   layout, every plugin's state) and collect every problem; raise
+   :class:`ResumeError` listing them all, having changed nothing;
+2. **apply**: model, plugins (their tensors moved to ``loop.device``), optimizers,
+   schedulers, scaler, counters, pending metrics, RNG and loader generators (kept on
+   the CPU, where torch needs them); then ``on_load_checkpoint`` fires.
+
+Each rank restores its own entry of ``rng`` (its RNG, loader position and metrics not
+yet reduced). The per-part layout leaves room for sharded state later: ``model`` and
+``optimizers`` are the only parts that would change form.
+
+A plugin whose ``load_state_dict`` rebuilds the optimizer's param groups (freezing)
+declares ``hookloop_changes_param_groups = True``; the group layout is then checked by
+torch when the optimizer state is applied, after the model and plugin states.
+
+Plugin state is stored under a key that says what the plugin is: the name the user gave
+it, else its ``state_key`` (see :func:`state_key`), else its registered name. A plugin's
+class attribute ``hookloop_state_required`` (default ``True``) says whether a resume
+without its state is wrong (an error, a warning with ``strict=False``) or merely
+incomplete (trackers, progress bars: a warning).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hookloop import _distributed as dist
+
+if TYPE_CHECKING:
+    from hookloop.loop import Loop
+
+__all__ = ["STATE_FORMAT", "ResumeError", "load_state_dict", "migrate", "state_dict", "state_key"]
+
+log = logging.getLogger("hookloop")
+
+STATE_FORMAT = "hookloop.loop/2"
+FORMAT_V1 = "hookloop.loop/1"
+
+
+class ResumeError(ValueError):
+    """A checkpoint does not fit this loop; nothing was changed. The message lists every
+    problem found."""
+
+
+def state_key(base: str, **identity: Any) -> str:
+    """A stable checkpoint key from a plugin's defining options, e.g.
+    ``state_key("early_stopping", monitor="val/loss", mode="min")`` is
+    ``"early_stopping{mode='min', monitor='val/loss'}"``. Plugins return it from a
+    ``state_key`` property so that two instances with different options never swap
+    state and nothing shifts when plugins are added."""
+    inner = ", ".join(f"{k}={identity[k]!r}" for k in sorted(identity))
+    return f"{base}{{{inner}}}"
+
+
+# ---------------------------------------------------------------------- plugin keys
+
+
+def _stateful(plugin: Any) -> bool:
+    return callable(getattr(plugin, "state_dict", None)) and not inspect.isclass(plugin)
+
+
+def plugin_key(loop: Loop, name: str, plugin: Any) -> str:
+    """The key of a registered plugin's state in a checkpoint."""
+    if name in loop._given_names:
+        return name
+    key = getattr(plugin, "state_key", None)
+    return key if isinstance(key, str) and key else name
+
+
+def _required(plugin: Any) -> bool:
+    return bool(getattr(plugin, "hookloop_state_required", True))
+
+
+def _plugin_states(loop: Loop) -> tuple[dict[str, Any], dict[str, Any]]:
+    states: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
+    for name, plugin in loop.pm.plugin_items():
+        if _stateful(plugin):
+            key = plugin_key(loop, name, plugin)
+            states[key] = plugin.state_dict()
+            meta[key] = {"name": name, "class": type(plugin).__qualname__,
+                         "required": _required(plugin)}
+    return states, meta
+
+
+# ---------------------------------------------------------------------- saving
+
+
+def state_dict(loop: Loop) -> dict[str, Any]:
+    """See :meth:`hookloop.Loop.state_dict`."""
+    from hookloop.tracking import mask_secrets
+
+    pending = loop.metrics.state_dict()
+    rng: dict[str, Any] = {
+        "now": get_rng(),
+        "epoch_start": loop._rng_epoch_start,
+        "loader": loop._loader_state,
+        "loader_now": get_loader_state(loop.train_data),
+    }
+    if loop._dist.active:  # each rank's metrics not yet reduced are its own
+        rng["metrics_pending"] = pending
+    ranks = dist.all_gather_object(rng) if loop._dist.active else [rng]
+    optim = loop.optim
+    plugins, meta = _plugin_states(loop)
+    checkpoint: dict[str, Any] = {
+        "format": STATE_FORMAT,
+        "model": loop.module.state_dict(),
+        "optimizers": [opt.state_dict() for opt in optim.optimizers],
+        "schedulers": [s.state_dict() for s in optim.schedulers],
+        "scaler": optim.scaler.state_dict() if optim.scaler is not None else None,
+        "layout": optim.describe(),
+        "loop": loop.state.counters(),
+        "metrics_pending": pending,
+        "rng": ranks,
+        "plugins": plugins,
+        "plugin_meta": meta,
+        "hparams": _plain_hparams(mask_secrets(loop.hparams)),  # checkpoints get uploaded
+    }
+    h = loop.callers.on_save_checkpoint
+    if h is not None:
+        h(loop, checkpoint)
+    return checkpoint
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def migrate(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """Bring a checkpoint of an older format to :data:`STATE_FORMAT` (a new dict).
+
+    ``hookloop.loop/1``: plugin states were keyed by registered name and had no
+    ``plugin_meta`` (they are matched by name and treated as optional); pending metrics
+    held the whole interval at a log step (``flush_due``), which the current format
+    reduces before ``on_train_batch_end``: they are delivered at resume as before.
+    """
+    fmt = checkpoint.get("format")
+    if fmt == STATE_FORMAT:
+        return dict(checkpoint)
+    if fmt != FORMAT_V1:
+        raise ResumeError(
+            f"not a hookloop loop state (format={fmt!r}; expected {STATE_FORMAT!r} or {FORMAT_V1!r})"
+        )
+    out = dict(checkpoint)
+    out["format"] = STATE_FORMAT
+    out["plugin_meta"] = {k: {"name": k, "class": "?", "required": False}
+                          for k in checkpoint.get("plugins", {})}
+    out["layout"] = None
+    return out
+
+
+def _match_plugins(loop: Loop, checkpoint: Mapping[str, Any]) -> tuple[
+        list[tuple[str, Any, str]], list[str], list[str]]:
+    """(registered name, plugin, checkpoint key) pairs to load, and the problems and
+    warnings of plugins that have no state or state that has no plugin."""
+    saved: Mapping[str, Any] = checkpoint.get("plugins", {})
+    meta: Mapping[str, Any] = checkpoint.get("plugin_meta", {})
+    by_name = {m.get("name"): k for k, m in meta.items()}
+    matches, problems, warnings_ = [], [], []
+    used: set[str] = set()
+    missing = []
+    for name, plugin in loop.pm.plugin_items():
+        if not callable(getattr(plugin, "load_state_dict", None)) or not _stateful(plugin):
+            continue
+        key = plugin_key(loop, name, plugin)
+        found = key if key in saved else None
+        if found is None and meta.get(by_name.get(name, ""), {}).get("class") == "?":
+            found = by_name[name]  # migrated format 1: matched by registered name
+        if found is None:
+            missing.append((name, plugin, key))
+            continue
+        used.add(found)
+        matches.append((name, plugin, found))
+    unknown = [k for k in saved if k not in used]
+    for name, plugin, key in missing:
+        line = (f"plugin {name!r} ({type(plugin).__name__}, state key {key!r}) has no state in "
+                f"the checkpoint, which holds states for {sorted(saved) or 'no plugin'}")
+        (problems if _required(plugin) else warnings_).append(line)
+    for key in unknown:
+        info = meta.get(key, {})
+        line = (f"the checkpoint holds state {key!r} of plugin {info.get('name', key)!r} "
+                f"({info.get('class', '?')}) but no registered plugin has that key; registered: "
+                f"{sorted(plugin_key(loop, n, p) for n, p in loop.pm.plugin_items() if _stateful(p))}")
+        (problems if info.get("required", True) else warnings_).append(line)
+    return matches, problems, warnings_
+
+
+def _check_model(loop: Loop, saved: Mapping[str, Any], strict: bool) -> list[str]:
+    live = loop.module.state_dict()
+    problems = []
+    if strict:
+        missing = [k for k in live if k not in saved]
+        unexpected = [k for k in saved if k not in live]
+        if missing:
+            problems.append(f"model: keys missing from the checkpoint: {missing[:8]}"
+                            f"{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            problems.append(f"model: unexpected keys in the checkpoint: {unexpected[:8]}"
+                            f"{' ...' if len(unexpected) > 8 else ''}")
+    for k, v in saved.items():
+        mine = live.get(k)
+        if isinstance(v, torch.Tensor) and isinstance(mine, torch.Tensor) and v.shape != mine.shape:
+            problems.append(f"model: {k} has shape {tuple(v.shape)} in the checkpoint and "
+                            f"{tuple(mine.shape)} in the model")
+    return problems
+
+
+def _check_optim(loop: Loop, checkpoint: Mapping[str, Any]) -> list[str]:
+    optim = loop.optim
+    problems = []
+    opts = checkpoint.get("optimizers")
+    if not isinstance(opts, list) or len(opts) != len(optim.optimizers):
+        got = len(opts) if isinstance(opts, list) else opts
+        return [f"optimizers: the checkpoint has {got} optimizer states; the loop has "
+                f"{len(optim.optimizers)}"]
+    layout = checkpoint.get("layout") or {}
+    # a plugin that rebuilds param groups in its load_state_dict (freezing) changes the
+    # layout first: then torch checks the groups when the optimizer state is applied
+    regrouped = any(getattr(p, "hookloop_changes_param_groups", False)
+                    for _, p in loop.pm.plugin_items())
+    for i, (opt, sd) in enumerate(zip(optim.optimizers, opts, strict=True)):
+        saved_cls = (layout.get("optimizers") or [{}] * len(opts))[i].get("class")
+        if saved_cls is not None and saved_cls != type(opt).__name__:
+            problems.append(f"optimizer[{i}]: the checkpoint holds a {saved_cls}; the loop has "
+                            f"a {type(opt).__name__}")
+            continue
+        if regrouped:
+            continue
+        groups = [len(g["params"]) for g in sd.get("param_groups", [])]
+        mine = [len(g["params"]) for g in opt.param_groups]
+        if groups != mine:
+            problems.append(f"optimizer[{i}] ({type(opt).__name__}): parameters per group are "
+                            f"{groups} in the checkpoint and {mine} in the loop")
+            continue
+        params = [p for g in opt.param_groups for p in g["params"]]
+        index = {pid: k for k, pid in enumerate(p for g in sd["param_groups"] for p in g["params"])}
+        for pid, entry in sd.get("state", {}).items():
+            param = params[index[pid]] if pid in index else None
+            for name, value in (entry.items() if param is not None else ()):
+                if isinstance(value, torch.Tensor) and value.ndim and value.shape != param.shape:
+                    problems.append(f"optimizer[{i}]: state {name!r} of parameter {pid} has shape "
+                                    f"{tuple(value.shape)}; the parameter has {tuple(param.shape)}")
+    scheds = checkpoint.get("schedulers", [])
+    if len(scheds) != len(optim.schedulers):
+        problems.append(f"schedulers: the checkpoint has {len(scheds)} scheduler states; the loop "
+                        f"has {len(optim.schedulers)}")
+    else:
+        saved_names = layout.get("schedulers") or [None] * len(scheds)
+        for i, (s, saved) in enumerate(zip(optim.schedulers, saved_names, strict=True)):
+            if saved is not None and saved != type(s).__name__:
+                problems.append(f"scheduler[{i}]: the checkpoint holds a {saved}; the loop has a "
+                                f"{type(s).__name__}")
+    return problems
+
+
+def load_state_dict(loop: Loop, checkpoint: Mapping[str, Any], *, strict: bool = True) -> None:
+    """See :meth:`hookloop.Loop.load_state_dict`."""
+    if not isinstance(checkpoint, Mapping):
+        raise ResumeError(f"a checkpoint is a dict made by loop.state_dict(); got "
+                          f"{type(checkpoint).__name__}")
+    checkpoint = migrate(checkpoint)
+    # phase 1: validate everything, change nothing
+    problems: list[str] = []
+    for key in ("model", "optimizers", "loop"):
+        if key not in checkpoint:
+            problems.append(f"the checkpoint has no {key!r} entry")
+    if problems:
+        raise ResumeError("checkpoint does not fit this loop:\n  " + "\n  ".join(problems))
+    problems += _check_model(loop, checkpoint["model"], strict)
+    problems += _check_optim(loop, checkpoint)
+    matches, plugin_problems, notes = _match_plugins(loop, checkpoint)
+    if strict:
+        problems += plugin_problems
+    else:
+        notes += plugin_problems
+    if problems:
+        raise ResumeError(
+            "checkpoint does not fit this loop; nothing was restored:\n  " + "\n  ".join(problems)
+            + ("\n(plugin state problems become warnings with strict=False)" if plugin_problems else "")
+        )
+    for note in notes:
+        log.warning("hookloop: resume: %s", note)
+    _apply(loop, checkpoint, matches, strict)
+
+
+def _apply(loop: Loop, checkpoint: Mapping[str, Any], matches: list[tuple[str, Any, str]],
+           strict: bool) -> None:
+    optim = loop.optim
+    loop.module.load_state_dict(checkpoint["model"], strict=strict)
+    for _name, plugin, key in matches:  # after the model: e.g. freezing rebuilds param groups
+        state = to_device(checkpoint["plugins"][key], loop.device)
+        loader = plugin.load_state_dict
+        if "loop" in inspect.signature(loader).parameters:
+            loader(state, loop=loop)
+        else:
+            loader(state)
+    for opt, sd in zip(optim.optimizers, checkpoint["optimizers"], strict=True):
+        opt.load_state_dict(sd)
+    for sched, sd in zip(optim.schedulers, checkpoint.get("schedulers", []), strict=True):
+        sched.load_state_dict(sd)
+    if optim.scaler is not None and checkpoint.get("scaler"):
+        optim.scaler.load_state_dict(checkpoint["scaler"])
+    loop.state.load_counters(checkpoint["loop"])
+    ranks = checkpoint.get("rng") or []
+    rank = loop.state.rank
+    mine = ranks[rank] if rank < len(ranks) else (ranks[0] if ranks else None)
+    loop.metrics.load_state_dict((mine or {}).get("metrics_pending")
+                                 or checkpoint.get("metrics_pending", {}))
+    if mine is not None:
+        set_rng(mine["now"])
+        # the loader's own generators: the next epoch's shuffle continues from here
+        set_loader_state(loop.train_data, mine.get("loader_now") or {})
+        loop._rng_epoch_start = mine.get("epoch_start")
+        loop._loader_state = mine.get("loader") or {}
+        mid_epoch = loop.state.epoch_batches_done and not loop.state.epoch_done
+        loop._resume_rng = mine["now"] if mid_epoch else None
+    h = loop.callers.on_load_checkpoint
+    if h is not None:
+        h(loop, checkpoint)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor inside dicts, lists and tuples moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(to_device(v, device) for v in value)
+    return value
+
+
+def _plain_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in hparams.items():
+        out[str(k)] = v if v is None or isinstance(v, (bool, int, float, str)) else repr(v)
+    return out
+
+
+def get_rng() -> dict[str, Any]:
+    """The process's RNG states: Python, torch CPU, NumPy (if installed), CUDA (if
+    initialised)."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "torch": torch.get_rng_state(),
+    }
+    try:
+        import numpy as np
+    except ImportError:  # numpy is optional
+        pass
+    else:
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [name, torch.from_numpy(keys.astype("int64")), int(pos),
+                          int(has_gauss), float(cached)]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng(state: Mapping[str, Any]) -> None:
+    """Restore :func:`get_rng` output (RNG tensors are moved to the CPU first)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if "numpy" in state:
+        try:
+            import numpy as np
+        except ImportError:
+            pass
+        else:
+            name, keys, pos, has_gauss, cached = state["numpy"]
+            np.random.set_state((name, keys.cpu().numpy().astype("uint32"), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _generators(data: Any) -> dict[str, torch.Generator]:
+    gens = {}
+    gen = getattr(data, "generator", None)
+    if isinstance(gen, torch.Generator):
+        gens["loader"] = gen
+    sampler = getattr(data, "sampler", None)
+    gen = getattr(sampler, "generator", None)
+    if isinstance(gen, torch.Generator):
+        gens["sampler"] = gen
+    batch_sampler = getattr(data, "batch_sampler", None)
+    gen = getattr(getattr(batch_sampler, "sampler", None), "generator", None)
+    if isinstance(gen, torch.Generator):
+        gens.setdefault("sampler", gen)
+    return gens
+
+
+def get_loader_state(data: Any) -> dict[str, Any]:
+    """The states of the torch.Generators a DataLoader (or its sampler) shuffles with."""
+    return {name: gen.get_state() for name, gen in _generators(data).items()}
+
+
+def set_loader_state(data: Any, states: Mapping[str, Any]) -> None:
+    """Restore :func:`get_loader_state` output (on the CPU)."""
+    for name, gen in _generators(data).items():
+        if name in states:
+            gen.set_state(states[name].cpu())
