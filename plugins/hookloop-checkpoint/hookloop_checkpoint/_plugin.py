@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hookloop.plugins import hookimpl
+from hookloop.resume import state_key
 from hookloop_checkpoint._io import (
     MANIFEST_FORMAT,
     atomic_write,
@@ -81,8 +83,10 @@ class _Job:
     """One write, run inline (sync) or on the writer thread (async)."""
 
     def __init__(self, fn: Callable[[], dict[str, Any]], entry: dict[str, Any], prev: list[dict[str, Any]],
-                 is_best: bool, metrics: dict[str, float], stat: SaveStat) -> None:
+                 is_best: bool, metrics: dict[str, float], stat: SaveStat,
+                 removed: list[dict[str, Any]]) -> None:
         self.fn = fn
+        self.removed = removed
         self.entry = entry
         self.prev = prev
         self.is_best = is_best
@@ -133,8 +137,10 @@ class Checkpoint:
     :param monitor: metric ranking the checkpoints (e.g. ``"val/loss"``); ``None``
         keeps the newest ``top_k``. A metric that is never logged raises
         :class:`MonitorNotFoundError` listing the metrics that exist. A save is ranked
-        only when the monitored value was logged since the previous save (so a
-        mid-epoch save is never ranked with a stale validation score).
+        only by a monitored value that belongs to the step being saved
+        (``loop.state.metric_stamps``), so a checkpoint is never ranked with another
+        state's score; a step save due at an epoch's last batch with a validation
+        monitor waits for that epoch's validation and is written after it.
     :param mode: ``"min"`` or ``"max"``: which monitored values are better. NaN is never
         best; ties keep the older checkpoint.
     :param top_k: checkpoints kept by rank (``-1``: all; ``0``: none besides the last).
@@ -161,8 +167,9 @@ class Checkpoint:
         last write is durable.
     :param resume: ``"latest"`` resumes from the newest complete checkpoint in
         ``dirpath`` when there is one (a fresh start when the directory has none), or a
-        path to resume from; applied at the start of the first fit. Same effect as
-        ``loop.fit(..., resume=load_checkpoint(...))``.
+        path to resume from; supplied through ``on_resume`` at the start of the first
+        fit of each loop, so everything is restored before any ``on_fit_start``. Same
+        effect as ``loop.fit(..., resume=load_checkpoint(...))``.
     :param signals: signals that trigger a save at the next optimizer-step boundary and
         a clean stop (preemption); the handlers installed before are called too and are
         restored at the end of fit. ``()`` disables. Add ``"SIGINT"`` to checkpoint on
@@ -236,9 +243,9 @@ class Checkpoint:
         self._seq = 0
         self._best: str | None = None
         self._last_key: tuple[Any, ...] | None = None
-        self._fresh: set[str] = set()
+        self._deferred = False  # a step save waiting for this epoch's validation
         self._job: _Job | None = None
-        self._resumed_once = False
+        self._resumed_for: Any = None  # weakref of the loop the resume was supplied to
         self._restored = False
         self._validated = False
         self._last_save_time = time.monotonic()
@@ -285,6 +292,12 @@ class Checkpoint:
 
     # ------------------------------------------------------------------ state
 
+    @property
+    def state_key(self) -> str:
+        """Identity of this plugin's state in a loop checkpoint: its folder and monitor,
+        so two checkpoint plugins never swap state."""
+        return state_key("checkpoint", dirpath=str(self.dirpath), monitor=self.monitor)
+
     def state_dict(self) -> dict[str, Any]:
         """Bookkeeping saved in the loop's checkpoint: the kept checkpoints with their
         scores, the best, the save counter and the monitor."""
@@ -322,9 +335,6 @@ class Checkpoint:
             if stale:
                 log.info("hookloop.checkpoint: removed %d temporary file(s) of interrupted writes",
                          len(stale))
-        if self.resume is not None and not self._resumed_once and not self._restored:
-            self._resume(loop)
-        self._resumed_once = True
         self._reconcile(loop)
         self._restored = False
         self._preempted = None
@@ -333,18 +343,25 @@ class Checkpoint:
         self._last_save_time = time.monotonic()
         self._install_signals()
 
-    def _resume(self, loop: Loop) -> None:
+    @hookimpl
+    def on_resume(self, loop: Loop) -> dict[str, Any] | None:
+        """Supply the checkpoint named by ``resume`` at the first fit of a loop; the
+        loop validates and restores it before any ``on_fit_start``."""
+        if self.resume is None or (self._resumed_for is not None and self._resumed_for() is loop):
+            return None
+        self._resumed_for = weakref.ref(loop)
         source = self.dirpath if str(self.resume) in ("latest", "last") else Path(self.resume)  # type: ignore[arg-type]
         try:
             ckpt = load_checkpoint(source, loop.device)
         except CheckpointNotFoundError:
             if source == self.dirpath and not (self.dirpath / "checkpoints.json").exists():
                 log.info("hookloop.checkpoint: no checkpoint in %s yet; starting fresh", self.dirpath)
-                return
+                return None
             raise
-        loop.load_state_dict(ckpt)
-        log.info("hookloop.checkpoint: resumed from %s (epoch %s, step %s)",
-                 ckpt.get("checkpoint", {}).get("path"), loop.state.epoch, loop.state.global_step)
+        info = ckpt.get("checkpoint", {})
+        log.info("hookloop.checkpoint: resuming from %s (epoch %s, step %s)", info.get("path"),
+                 ckpt["loop"].get("epoch"), ckpt["loop"].get("global_step"))
+        return ckpt
 
     def _reconcile(self, loop: Loop) -> None:
         """Match the bookkeeping with the files on disk (rank 0 reads the manifest)."""
@@ -373,14 +390,10 @@ class Checkpoint:
         self._seq = max([self._seq, *(e.get("seq", 0) for e in known.values())])
 
     @hookimpl
-    def on_log(self, metrics: Mapping[str, float]) -> None:
-        """Remember which metrics were logged since the previous save."""
-        self._fresh.update(metrics)
-
-    @hookimpl
     def on_train_epoch_start(self) -> None:
         """Reset the per-epoch validation flag."""
         self._validated = False
+        self._deferred = False
 
     @hookimpl
     def on_validation_end(self) -> None:
@@ -411,7 +424,27 @@ class Checkpoint:
             self._preempt(loop)
             return
         if time_due or (self.every_n_steps is not None and state.global_step % self.every_n_steps == 0):
-            self._save(loop, {})
+            if self._waits_for_validation(loop):
+                self._deferred = True
+            else:
+                self._save(loop, {})
+
+    def _waits_for_validation(self, loop: Loop) -> bool:
+        """A step save at an epoch's last batch whose validation monitor is not yet
+        this step's: the epoch's validation is about to run, so save after it."""
+        monitor = self.monitor
+        if monitor is None or not monitor.startswith("val/") or loop.val_data is None:
+            return False
+        stamp = loop.state.metric_stamps.get(monitor)
+        if stamp is not None and stamp.step == loop.state.global_step:
+            return False
+        try:
+            last = loop.state.epoch_batches_done == len(loop.train_data)  # type: ignore[arg-type]
+        except TypeError:
+            return False
+        every = loop.val_every_n_epochs
+        final = loop.state.max_epochs is not None and loop.state.epoch + 1 >= loop.state.max_epochs
+        return last and ((loop.state.epoch + 1) % every == 0 or final)
 
     @hookimpl
     def on_train_epoch_end(self, loop: Loop, epoch: int, metrics: Mapping[str, float]) -> None:
@@ -426,7 +459,8 @@ class Checkpoint:
             self._preempt(loop, dict(metrics))
             return
         self._check_monitor(loop, metrics)
-        if self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0:
+        deferred, self._deferred = self._deferred, False
+        if deferred or (self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0):
             self._save(loop, dict(metrics))
 
     @hookimpl(wrapper=True)
@@ -448,6 +482,15 @@ class Checkpoint:
                         signal.Signals(self._preempted).name)
             raise SystemExit(code)
         return result
+
+    @hookimpl
+    def on_close(self, loop: Loop) -> None:
+        """Release the writer thread's pending job and the signal handlers if a fit left
+        them (a crash that skipped ``on_exception``)."""
+        try:
+            self._finish_pending(loop, raise_errors=False, sync_ranks=False)
+        finally:
+            self._restore_signals()
 
     @hookimpl
     def on_exception(self, loop: Loop, exception: BaseException) -> None:
@@ -533,9 +576,10 @@ class Checkpoint:
         state = loop.state
         metrics = {**state.metrics, **epoch_metrics}
         score: float | None = None
+        stamp = state.metric_stamps.get(self.monitor) if self.monitor is not None else None
         if self.monitor is not None and self.monitor in metrics and (
-            self.monitor in self._fresh or self.monitor in epoch_metrics
-        ):
+            self.monitor in epoch_metrics or (stamp is not None and stamp.step == state.global_step)
+        ):  # a value of this very step, never one of an earlier state
             score = float(metrics[self.monitor])
         namespace = {**metrics, "epoch": state.epoch, "step": state.global_step}
         name = self._unique_name(render_filename(self.filename, namespace))
@@ -554,7 +598,6 @@ class Checkpoint:
         }
         before = list(self._entries)
         after = self._retain([*before, entry], entry)
-        self._fresh.clear()
         self._last_key = self._state_key(loop)
         self._last_save_time = time.monotonic()
         if not any(e is entry for e in after):
@@ -589,7 +632,7 @@ class Checkpoint:
                     model_obj = copy.deepcopy(loop.module) if self.async_save else loop.module
                 manifest = self._manifest_base()
                 write = self._make_write(ckpt, entry, manifest, removed, model_obj)
-                job = _Job(write, entry, before, is_best, entry["metrics"], stat)
+                job = _Job(write, entry, before, is_best, entry["metrics"], stat, removed)
                 if self.async_save:
                     job.thread = threading.Thread(target=job.run, name="hookloop-checkpoint-writer",
                                                   daemon=True)
@@ -610,7 +653,7 @@ class Checkpoint:
         if job is not None and not self.async_save:
             self._complete(loop, job, raise_errors=True)
         elif job is None and not self.async_save:
-            h = loop.hooks.on_checkpoint_saved  # rank != 0: rank 0 wrote it before the barrier
+            h = loop.callers.on_checkpoint_saved  # rank != 0: rank 0 wrote it before the barrier
             if h is not None:
                 h(loop, stat.path, dict(entry["metrics"]), is_best)
         return self.dirpath / entry["primary"]
@@ -687,7 +730,7 @@ class Checkpoint:
         if job is not None:
             self._complete(loop, job, raise_errors)
         elif remote is not None and loop is not None and sync_ranks:
-            h = loop.hooks.on_checkpoint_saved
+            h = loop.callers.on_checkpoint_saved
             if h is not None:
                 h(loop, *remote)
 
@@ -715,9 +758,13 @@ class Checkpoint:
             log.info("hookloop.checkpoint: saved %s (%s=%s, %.3f MB%s)", path, self.monitor,
                      job.entry["score"], job.stat.nbytes / 1e6, ", best" if job.is_best else "")
         if loop is not None:
-            h = loop.hooks.on_checkpoint_saved
+            h = loop.callers.on_checkpoint_saved
             if h is not None:
                 h(loop, path, dict(job.metrics), job.is_best)
+            h = loop.callers.on_checkpoint_removed
+            if h is not None:
+                for old in job.removed:  # deleted by the write, after the new one was listed
+                    h(loop, str(self.dirpath / old["primary"]))
 
     # ------------------------------------------------------------------ preemption
 

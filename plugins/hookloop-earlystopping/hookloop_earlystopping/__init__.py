@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hookloop.plugins import hookimpl
+from hookloop.resume import state_key
 
 if TYPE_CHECKING:
     from hookloop.loop import Loop
@@ -161,6 +162,12 @@ class EarlyStopping:
         self.reset()
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def state_key(self) -> str:
+        """Identity of this plugin's state in a loop checkpoint: what it monitors and
+        how, so two early stoppers on different monitors never swap state."""
+        return state_key("early_stopping", monitor=self.monitor, mode=self.mode)
 
     def reset(self) -> None:
         """Forget the best score, counters and kept weights."""

@@ -271,7 +271,7 @@ def test_nonfinite_monitor_rollback_from_checkpoint(tmp_path):
         def on_train_epoch_end(self, loop, epoch, metrics):
             path = tmp_path / f"epoch{epoch}.pt"
             torch.save(loop.state_dict(), path)
-            loop.hooks.on_checkpoint_saved(loop, str(path), dict(metrics), False)
+            loop.callers.on_checkpoint_saved(loop, str(path), dict(metrics), False)
 
     w = Weights()
     es = EarlyStopping("val/score", patience=50, on_nonfinite="rollback", rollback_source="checkpoint")

@@ -136,6 +136,9 @@ class _Schedule:
     modules, each frozen at fit start and unfrozen at its own epoch or step."""
 
     hookloop_name = "freeze"
+    # load_state_dict adds the unfrozen groups to the optimizer before the optimizer's
+    # own state is restored: the core checks the group layout when it is applied
+    hookloop_changes_param_groups = True
 
     def __init__(self, groups: list[_Group], *, train_bn: bool, optimizer_idx: int) -> None:
         if isinstance(optimizer_idx, bool) or not isinstance(optimizer_idx, int) or optimizer_idx < 0:

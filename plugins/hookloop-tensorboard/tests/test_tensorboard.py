@@ -353,7 +353,7 @@ def test_best_checkpoint_is_recorded_as_text(tmp_path: Path, read_events: Any) -
 
         @hookimpl
         def on_train_epoch_end(self, loop: Any, epoch: int) -> None:
-            loop.hooks.on_checkpoint_saved(loop, f"ckpt/epoch{epoch}.pt", {"val/loss": 0.5 - epoch / 10},
+            loop.callers.on_checkpoint_saved(loop, f"ckpt/epoch{epoch}.pt", {"val/loss": 0.5 - epoch / 10},
                                            epoch == 1)
 
     tiny_loop([Announce(), TensorBoard(tmp_path)]).fit(max_epochs=2)

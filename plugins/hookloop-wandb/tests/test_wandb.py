@@ -42,7 +42,7 @@ class MediaAndCheckpoints:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"epoch-{epoch}.pt"
         torch.save({"model": loop.module.state_dict()}, path)
-        loop.hooks.on_checkpoint_saved(loop, str(path), dict(metrics), True)
+        loop.callers.on_checkpoint_saved(loop, str(path), dict(metrics), True)
 
 
 def expected_rows(logged: list[tuple[int, dict[str, float]]]) -> dict[int, dict[str, float]]:
