@@ -1,9 +1,20 @@
-"""Shared pieces of the torchrun worker scripts (run as ``torchrun ... worker_x.py OUT``)."""
+"""Shared pieces of the torchrun worker scripts (run as ``torchrun ... worker_x.py OUT``).
+
+Every worker calls :func:`init` first: once the process group is up and a first
+barrier passed, it writes the handshake file ``OUT/started.rank<N>``. The launch helper
+(``_launch.py``) reads these to tell a failure of the set-up (rendezvous, port clash,
+process-group creation: retried once) from a failure of the worker's own code (never
+retried). Every worker ends through :func:`run`, which destroys the process group in a
+``finally``: a gloo process group left to the interpreter's exit is torn down while its
+C++ threads may still be joinable, which aborts the process (``terminate called without
+an active exception``, SIGABRT).
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +31,36 @@ def out_dir() -> Path:
     return Path(sys.argv[1])
 
 
+HANDSHAKE = "started.rank{rank}"
+
+
 def init() -> tuple[int, int]:
-    """Initialise the process group from torchrun's environment (gloo)."""
+    """Initialise the process group from torchrun's environment (gloo), check it with a
+    barrier, then write the handshake file ``OUT/started.rank<N>``."""
     if not tdist.is_initialized():
         tdist.init_process_group("gloo")
-    return tdist.get_rank(), tdist.get_world_size()
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    tdist.barrier()
+    (out_dir() / HANDSHAKE.format(rank=rank)).write_text("up\n")
+    return rank, world
+
+
+def destroy() -> None:
+    """Destroy the process group if there is one (safe to call twice)."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def run(*scenarios: Callable[[], None], barrier: bool = True) -> None:
+    """Run ``scenarios`` in order (with a barrier after each when ``barrier``), and
+    destroy the process group in a ``finally``, whatever happens."""
+    try:
+        for fn in scenarios:
+            fn()
+            if barrier:
+                tdist.barrier()
+    finally:
+        destroy()
 
 
 def dump(name: str, data: dict[str, Any]) -> None:

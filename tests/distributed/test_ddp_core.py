@@ -4,9 +4,9 @@ runs every scenario; each test checks one of them."""
 from __future__ import annotations
 
 import pytest
-from _launch import Launch, torchrun
+from _launch import TEST_TIMEOUT, Launch, torchrun
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(TEST_TIMEOUT)]
 
 
 @pytest.fixture(scope="module")

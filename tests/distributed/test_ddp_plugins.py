@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from _launch import Launch, torchrun
+from _launch import TEST_TIMEOUT, Launch, torchrun
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(TEST_TIMEOUT)]
 
 for dist in ("hookloop_checkpoint", "hookloop_earlystopping", "hookloop_tensorboard", "hookloop_progress"):
     pytest.importorskip(dist)
@@ -115,7 +115,7 @@ def test_last_complete_checkpoint_is_intact_after_an_exception_on_rank_1(tmp_pat
 
 
 def test_sigterm_on_rank_1_with_the_checkpoint_plugin_saves_and_stops_both_ranks(tmp_path: Path) -> None:
-    run = torchrun("worker_fail.py", tmp_path, "sigterm", "25", "ckpt", timeout=60)
+    run = torchrun("worker_fail.py", tmp_path, "sigterm", "25", "ckpt")
     r0, r1 = (json.loads((tmp_path / f"preempted.rank{r}.json").read_text()) for r in (0, 1))
     assert r0["step"] == r1["step"] == 30  # agreed at the next log interval
     assert r0["code"] == r1["code"] == 143

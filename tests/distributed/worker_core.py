@@ -17,6 +17,7 @@ from _worker_common import (
     model,
     out_dir,
     params,
+    run,
     same_on_all_ranks,
     shard,
 )
@@ -229,7 +230,4 @@ def scenario_resume() -> None:
 
 
 if __name__ == "__main__":
-    for fn in (scenario_match, scenario_accepts_ddp, scenario_accum, scenario_stop, scenario_resume):
-        fn()
-        tdist.barrier()
-    tdist.destroy_process_group()
+    run(scenario_match, scenario_accepts_ddp, scenario_accum, scenario_stop, scenario_resume)

@@ -2,7 +2,7 @@
 
 MODE ``exception``: rank 1 raises from a hook; ``sigterm``: rank 1 receives SIGTERM
 (without a handler the process dies at once, no Python cleanup). Rank 0 would train
-for a long time on its own; it must end too. Each rank writes ``started`` when
+for a long time on its own; it must end too. Each rank writes ``training`` when
 training runs and ``finished`` only if ``fit`` returned. With a fourth argument
 ``ckpt`` the checkpoint plugin saves every 10 steps to ``OUT/ckpt`` (and handles
 SIGTERM as a preemption: save, stop).
@@ -16,7 +16,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _worker_common import dump, global_batches, init, model, out_dir, shard
+from _worker_common import dump, global_batches, init, model, out_dir, run, shard
 
 from hookloop import Loop
 from hookloop.plugins import hookimpl
@@ -32,14 +32,15 @@ class FailOnRank1:
     def on_train_batch_end(self, loop):
         step = loop.state.global_step
         if step == 1:
-            dump("started", {"pid": os.getpid()})
+            dump("training", {"pid": os.getpid()})
         if loop.state.rank == 1 and step == AT_STEP:
             if MODE == "exception":
                 raise RuntimeError(f"injected failure on rank 1 at step {step}")
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-if __name__ == "__main__":
+def train() -> None:
+    """Train for far longer than any test timeout; rank 1 fails at ``AT_STEP``."""
     module = model()
     opt = torch.optim.SGD(module.parameters(), lr=0.01)
     data = shard(global_batches(50, 8), RANK, WORLD)
@@ -50,9 +51,13 @@ if __name__ == "__main__":
     loop = Loop(module, opt, data, loss_fn=F.mse_loss, log_every_n_steps=10, autoload=False,
                 plugins=plugins)
     try:
-        loop.fit(max_epochs=1000)  # far longer than any test timeout
+        loop.fit(max_epochs=1000)
     except SystemExit as exc:  # the checkpoint plugin's exit after a preemption
         dump("preempted", {"step": loop.state.global_step, "code": exc.code,
                            "reason": loop.state.stop_reason})
         raise
     dump("finished", {"step": loop.state.global_step})
+
+
+if __name__ == "__main__":
+    run(train, barrier=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
-from _worker_common import Recorder, dump, flat, global_batches, init, model, out_dir, params, shard
+from _worker_common import Recorder, dump, flat, global_batches, init, model, out_dir, params, run, shard
 from _worker_common import same_on_all_ranks as same
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -145,7 +145,4 @@ def scenario_async() -> None:
 
 
 if __name__ == "__main__":
-    for fn in (scenario_writes, scenario_resume, scenario_async):
-        fn()
-        tdist.barrier()
-    tdist.destroy_process_group()
+    run(scenario_writes, scenario_resume, scenario_async)
