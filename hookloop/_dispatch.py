@@ -131,7 +131,8 @@ class PlanEntry:
     implementation raises an ``Exception`` under a non-raising policy; ``None`` means
     the exception propagates. ``on_success`` (if set) is called after each successful
     call (used to reset consecutive-failure counts). ``once_cell`` is a one-element list
-    whose truth says the ``once`` call is still pending.
+    whose truth says the ``once`` call is still pending. ``catches`` are the exception
+    types ``on_failure`` handles; anything else propagates.
     """
 
     impl: HookImpl
@@ -139,6 +140,7 @@ class PlanEntry:
     on_success: Callable[[], None] | None = None
     once_cell: list[bool] | None = None
     argnames: tuple[str, ...] | None = None
+    catches: tuple[type[BaseException], ...] = (Exception,)
 
 
 def compile_hook(
@@ -181,8 +183,8 @@ def _build(
         body = [f"_res = _inner({', '.join(argnames)})"]
     else:
         body = ["_res = None" if firstresult else "_res = []"]
-        for i, entry in enumerate(plain):
-            body += _plain_lines(i, entry, argnames, ns, firstresult)
+        for k, entry in enumerate(plain):  # numbered after the wrappers: one namespace
+            body += _plain_lines(len(outer) + k, entry, argnames, ns, firstresult, k == 0)
     for i in reversed(range(len(outer))):
         body = _wrapper_lines(i, outer[i], argnames, ns, body)
     lines = [f"def {name}({', '.join(argnames)}):"]
@@ -255,7 +257,8 @@ def _indent(lines: list[str]) -> list[str]:
 
 
 def _plain_lines(
-    i: int, entry: PlanEntry, argnames: tuple[str, ...], ns: dict[str, Any], firstresult: bool
+    i: int, entry: PlanEntry, argnames: tuple[str, ...], ns: dict[str, Any], firstresult: bool,
+    first: bool,
 ) -> list[str]:
     call = _call("_f", i, entry, argnames, ns)
     if firstresult:
@@ -269,15 +272,15 @@ def _plain_lines(
             ns[f"_ok{i}"] = entry.on_success
             ok = [f"_ok{i}()"]
         after = ok + keep
-        body = ["try:", *_indent(run), "except Exception as _e:", f"    _fail{i}(_e)"]
+        body = ["try:", *_indent(run), f"except {_catches(i, entry, ns)} as _e:", f"    _fail{i}(_e)"]
         if after:
             body += ["else:", *_indent(after)]
     else:
         body = run + keep
-    cond, first = _gate(i, entry, ns, "_res is None" if firstresult and i else "")
+    cond, before = _gate(i, entry, ns, "_res is None" if firstresult and not first else "")
     if cond:
-        return [f"if {cond}:", *_indent(first + body)]
-    return first + body
+        return [f"if {cond}:", *_indent(before + body)]
+    return before + body
 
 
 def _wrapper_lines(
@@ -304,24 +307,20 @@ def _wrapper_lines(
             "    except StopIteration as _stop:", "        _res = _stop.value",
             "    else:", f"        raise _wrapfail(_w{i}, 'has second yield', {g})",
         ]
-    fail = "None"
-    ok = "None"
-    if guarded:
-        ns[f"_fail{i}"] = entry.on_failure
-        fail = f"_fail{i}"
-        if entry.on_success is not None:
-            ns[f"_ok{i}"] = entry.on_success
-            ok = f"_ok{i}"
+    policy = "None"
     setup = ["try:", f"    {g} = {call}", f"    next({g})", "except StopIteration:"]
     if guarded:
-        setup += [f"    {g} = None", f"    {fail}(_wrapfail(_w{i}, 'did not yield'))",
-                  "except Exception as _e:", f"    {g} = None", f"    {fail}(_e)"]
+        ns[f"_fail{i}"] = entry.on_failure
+        ns[f"_p{i}"] = entry
+        policy = f"_p{i}"
+        setup += [f"    {g} = None", f"    _fail{i}(_wrapfail(_w{i}, 'did not yield'))",
+                  f"except {_catches(i, entry, ns)} as _e:", f"    {g} = None", f"    _fail{i}(_e)"]
     else:
         setup += [f"    raise _wrapfail(_w{i}, 'did not yield') from None"]
     optional = bool(cond) or guarded  # the wrapper may not be running: skip its teardown
     lines = [f"{g} = None"] if optional else []
     lines += [f"if {cond}:", *_indent(first + setup)] if cond else setup
-    finish = f"_finish({g}, _w{i}, {{}}, {old}, {fail}, {ok})"
+    finish = f"_finish({g}, _w{i}, {{}}, {old}, {policy})"
     on_exc = f"_res = {finish.format('_exc, None')}"
     on_res = f"_res = {finish.format('None, _res')}"
     return [
@@ -339,16 +338,14 @@ def _finish(
     gen: Generator[Any, Any, Any],
     func: Callable[..., Any],
     exc: BaseException | None,
-    result: Any = None,
-    old: bool = False,
-    on_failure: Callable[[BaseException], None] | None = None,
-    on_success: Callable[[], None] | None = None,
+    result: Any,
+    old: bool,
+    policy: PlanEntry | None,
 ) -> Any:
     """Run a wrapper's teardown with the inner outcome (``exc``, else ``result``) and
     return the outcome it leaves. Old-style wrappers get a :class:`pluggy.Result`. A
     failure of the wrapper itself (not the inner exception passing through) propagates,
-    or under a policy (``on_failure``) is reported and the inner outcome is kept.
-    """
+    or, when ``policy`` handles it, is reported and the inner outcome is kept."""
     outcome = None
     try:
         if old:
@@ -363,21 +360,31 @@ def _finish(
         else:
             gen.send(result)
     except StopIteration as stop:
-        if on_success is not None:
-            on_success()
+        if policy is not None and policy.on_success is not None:
+            policy.on_success()
         return outcome.get_result() if outcome is not None else stop.value
-    except Exception as err:
-        if err is exc or on_failure is None:
+    except BaseException as err:
+        if err is exc or policy is None or policy.on_failure is None:
             raise
-        on_failure(err)
+        if not isinstance(err, policy.catches):
+            raise
+        policy.on_failure(err)
     else:
         err = _wrapfail(func, "has second yield", gen)
-        if on_failure is None:
+        if policy is None or policy.on_failure is None:
             raise err
-        on_failure(err)
+        policy.on_failure(err)
     if exc is not None:
         raise exc
     return result
+
+
+def _catches(i: int, entry: PlanEntry, ns: dict[str, Any]) -> str:
+    """The ``except`` clause's expression for what an entry's policy handles."""
+    if entry.catches == (Exception,):
+        return "Exception"
+    ns[f"_catch{i}"] = entry.catches
+    return f"_catch{i}"
 
 
 def _none() -> None:

@@ -42,10 +42,11 @@ ENTRY_POINT_GROUP = "hookloop"
 HOOK_NAMES: tuple[str, ...] = tuple(n for n in vars(hookspecs) if n.startswith("on_"))
 """Every hook name, canonical only (aliases are in ``hookspecs.ALIASES``), in firing order."""
 ISOLATED_HOOKS: tuple[str, ...] = ("on_exception", "on_close")
-"""Hooks whose implementations are all called even when one raises: an ``Exception`` is
-logged (logger ``hookloop``, with its traceback) whatever the plugin's fault policy, and
-plugins disabled by their policy are still called; KeyboardInterrupt and SystemExit
-propagate."""
+"""Hooks whose implementations are all called even when one raises: an ``Exception`` or
+``SystemExit`` is logged (logger ``hookloop``, with its traceback) whatever the plugin's
+fault policy, so it never replaces the exception in flight; plugins disabled by their
+policy are still called. KeyboardInterrupt propagates."""
+_ISOLATED_CATCHES: tuple[type[BaseException], ...] = (Exception, SystemExit)
 POLICIES = ("raise", "warn", "disable")
 _log = logging.getLogger("hookloop")
 
@@ -490,6 +491,7 @@ class PluginManager(pluggy.PluginManager):
             entry = PlanEntry(impl, argnames=self._argnames.get((impl.plugin_name, hook_name)))
             if isolated:
                 entry.on_failure = _log_failure(impl.plugin_name, hook_name)
+                entry.catches = _ISOLATED_CATCHES
             elif policy is not None and policy.disabled:
                 continue
             elif policy is not None and policy.mode != "raise":

@@ -325,17 +325,40 @@ def test_isolated_hooks_call_every_impl_and_log(hook: str, caplog: pytest.LogCap
     assert "a broke" in caplog.text and "Traceback" in caplog.text
 
 
-@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])
-def test_isolated_hooks_let_interrupts_through(exc: type[BaseException]) -> None:
-    class Stop:
-        def on_close(self):
-            raise exc()
+@pytest.mark.parametrize("hook", ISOLATED_HOOKS)
+def test_isolated_hooks_let_keyboard_interrupt_through(hook: str) -> None:
+    def stop(self):
+        raise KeyboardInterrupt
 
     pm = PluginManager()
-    pm.register(Stop())
-    pm.register(Plain())
-    with pytest.raises(exc):
-        pm.callers.on_close(None)
+    pm.register(type("Stop", (), {hook: stop})())
+    args = (None, RuntimeError("crash")) if hook == "on_exception" else (None,)
+    with pytest.raises(KeyboardInterrupt):
+        getattr(pm.callers, hook)(*args)
+
+
+@pytest.mark.parametrize("hook", ISOLATED_HOOKS)
+def test_isolated_hooks_log_a_plugin_exit(hook: str, caplog: pytest.LogCaptureFixture) -> None:
+    calls = []
+
+    def exits(self):
+        raise SystemExit(3)
+
+    @hookimpl(wrapper=True)
+    def wrap(self):
+        calls.append("before")
+        yield
+        calls.append("after")
+
+    pm = PluginManager()
+    pm.register(type("Wrap", (), {hook: wrap})())
+    pm.register(type("Exits", (), {hook: exits})())
+    pm.register(type("Later", (), {hook: lambda self: calls.append("later")})())
+    args = (None, RuntimeError("crash")) if hook == "on_exception" else (None,)
+    with caplog.at_level(logging.ERROR, logger="hookloop"):
+        getattr(pm.callers, hook)(*args)
+    assert calls == ["before", "later", "after"]
+    assert f"hookloop plugin 'Exits' failed in {hook}" in caplog.text and "SystemExit" in caplog.text
 
 
 # ------------------------------------------------------------------ registration
