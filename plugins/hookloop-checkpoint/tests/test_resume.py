@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,29 +114,39 @@ def test_resume_latest_in_an_empty_directory_starts_fresh(tmp_path: Path) -> Non
     assert loop.state.global_step == 10
 
 
+SIGNAL_AT = 13  # mid-epoch 1
+
+
 def test_sigterm_checkpoints_at_a_step_and_exits_143(tmp_path: Path) -> None:
-    """A real SIGTERM from this process to a training process."""
+    """A real SIGTERM from this process to a training process. The worker stops at step
+    13 and waits until the signal has arrived, so the checkpoint is at exactly that step
+    boundary on any machine, however slow or loaded."""
     d = tmp_path / "ck"
-    proc = subprocess.Popen([sys.executable, str(WORKER), "train", str(d), str(EPOCHS)],
+    proc = subprocess.Popen([sys.executable, str(WORKER), "train", str(d), str(EPOCHS), str(SIGNAL_AT)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     try:
+        assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line.strip())
-            if line.startswith("step 13"):  # mid-epoch 1
+            if line.strip() == f"waiting for a signal at step {SIGNAL_AT}":
                 os.kill(proc.pid, signal.SIGTERM)
                 break
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=300)  # a liveness bound, not a window
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
     lines += out.splitlines()
     assert proc.returncode == 143, err[-3000:]
+    assert f"signal received at step {SIGNAL_AT}" in lines, lines[-5:]
     assert "stopped preempted by SIGTERM chained=True restored=True" in lines, lines[-5:]
     ck = load_checkpoint(d)
-    step = ck["loop"]["global_step"]
-    assert 13 <= step < 20 and not ck["loop"]["epoch_done"]  # at a step boundary, mid-epoch
-    assert f"step {step + 1}" not in lines  # no step ran after the checkpoint
+    # the checkpoint is at the step the signal was delivered in, mid-epoch
+    assert ck["loop"]["global_step"] == SIGNAL_AT and not ck["loop"]["epoch_done"]
+    assert ck["loop"]["epoch"] == 1
+    steps = [int(x.split()[1]) for x in lines if x.startswith("step ")]
+    assert steps == list(range(1, SIGNAL_AT + 1))  # no step ran after the checkpoint
 
     ref = make_loop([])
     ref.fit(max_epochs=EPOCHS)
@@ -146,16 +157,28 @@ def test_sigterm_checkpoints_at_a_step_and_exits_143(tmp_path: Path) -> None:
 
 
 def test_signal_without_exit_returns_and_restores_handler(tmp_path: Path) -> None:
+    """SIGUSR1 sent to this process at step 5: the hook waits until the handler ran
+    (the plugin chains the one installed here), so the save is at exactly step 5."""
+    received: list[int] = []
+
     class SelfSignal:
         @hookimpl
         def on_train_batch_end(self, loop) -> None:
             if loop.state.global_step == 5:
                 os.kill(os.getpid(), signal.SIGUSR1)
+                while not received:  # delivered and handled before the plugin's hook runs
+                    time.sleep(0.001)
 
-    before = signal.getsignal(signal.SIGUSR1)
-    loop = make_loop([Checkpoint(tmp_path, exit_on_signal=False), SelfSignal()])
-    state = loop.fit(max_epochs=3)
+    original = signal.signal(signal.SIGUSR1, lambda s, f: received.append(s))
+    try:
+        before = signal.getsignal(signal.SIGUSR1)
+        loop = make_loop([Checkpoint(tmp_path, exit_on_signal=False), SelfSignal()])
+        state = loop.fit(max_epochs=3)
+        assert signal.getsignal(signal.SIGUSR1) == before
+    finally:
+        signal.signal(signal.SIGUSR1, original)
+    assert received == [signal.SIGUSR1]  # chained, once
     assert state.stop_reason == "preempted by SIGUSR1"
-    assert signal.getsignal(signal.SIGUSR1) == before
+    assert state.global_step == 5
     ck = load_checkpoint(tmp_path)
-    assert ck["loop"]["global_step"] in (5, 6) and not ck["loop"]["epoch_done"]
+    assert ck["loop"]["global_step"] == 5 and not ck["loop"]["epoch_done"]
