@@ -10,7 +10,7 @@ PLUGINS := $(sort $(wildcard plugins/*/pyproject.toml))
 EXAMPLES := $(sort $(wildcard examples/*/pyproject.toml))
 STAMP := $(VENV)/.hookloop-installed
 
-.PHONY: setup demo test test-slow bench lint clean
+.PHONY: setup demo test test-slow test-stress bench lint clean
 
 setup: $(STAMP)
 
@@ -25,10 +25,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -m "not slow" tests $(foreach p,$(PLUGINS) $(EXAMPLES),$(dir $(p))tests)
+	$(PY) -m pytest -q -rs -m "not slow" tests $(foreach p,$(PLUGINS) $(EXAMPLES),$(dir $(p))tests)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests $(foreach p,$(PLUGINS) $(EXAMPLES),$(dir $(p))tests)
+
+# The distributed and signal tests, three runs in a row with every core kept busy by
+# busy-loop processes (ended on every path): fails if any run fails.
+STRESS_TESTS := tests/distributed plugins/hookloop-checkpoint/tests/test_resume.py \
+	plugins/hookloop-checkpoint/tests/test_durability.py::test_sigkill_during_saves \
+	plugins/hookloop-checkpoint/tests/test_durability.py::test_read_only_and_full_file_system
+test-stress: $(STAMP)
+	$(PY) tests/stress_load.py --runs 3 -- $(PY) -m pytest -q -rs -m "not slow" $(STRESS_TESTS)
 
 bench: $(STAMP)
 	$(PIP) install -q --disable-pip-version-check -e ".[bench]"
