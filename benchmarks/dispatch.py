@@ -3,7 +3,7 @@
 Part 1, one hook call (``on_train_batch_end``) with 0, 1 and 10 implementations and
 with a wrapper, three ways:
 
-- hookloop: the compiled caller, ``h = hooks.on_train_batch_end; if h is not None:
+- hookloop: the compiled caller, ``h = callers.on_train_batch_end; if h is not None:
   h(loop, outputs, batch, batch_idx)`` (what the loop does on every step);
 - pluggy: ``pm.hook.on_train_batch_end(loop=..., outputs=..., batch=..., batch_idx=...)``;
 - plain: a Python ``for`` loop over the same bound methods (for the wrapper case, a
@@ -111,8 +111,8 @@ def dispatch_cases() -> tuple[dict[str, dict[str, tuple[str, str, dict[str, Any]
             g["_fs"] = [p.on_train_batch_end for p in plugins]
             plain = ("for f in fs: f(loop, o, b, 0)", args_setup + "fs = _fs")
         cases[label] = {
-            "hookloop": (f"h = hooks.{HOOK}\nif h is not None: h(loop, o, b, 0)",
-                         args_setup + "hooks = _pm.hooks", g),
+            "hookloop": (f"h = callers.{HOOK}\nif h is not None: h(loop, o, b, 0)",
+                         args_setup + "callers = _pm.callers", g),
             "pluggy": (f"hook.{HOOK}(loop=loop, outputs=o, batch=b, batch_idx=0)",
                        args_setup + "hook = _pm.hook", g),
             "plain": (*plain, g),

@@ -28,7 +28,7 @@ from hookloop import _distributed as dist
 from hookloop import resume
 from hookloop.metrics import MetricStore
 from hookloop.optim import Optimization, as_list
-from hookloop.plugins import Callers, PluginManager
+from hookloop.plugins import NAME_OPTION, Callers, PluginManager
 from hookloop.state import LoopState
 
 __all__ = ["Loop", "StepFn"]
@@ -83,7 +83,8 @@ class Loop:
     :param plugins: plugin objects, installed plugin names, ``(name, options)`` pairs
         (tuple or list), or a mapping of name to options (or to a plugin object, which
         is then registered under that name); called in list order. The reserved option
-        ``name`` names an instance, so two plugins of one kind can be configured.
+        ``hookloop_name`` names an instance, so two plugins of one kind can be
+        configured without code.
     :param hparams: user hyperparameters, merged into :attr:`hparams` for trackers.
     :param autoload: register always-on installed plugins (see
         ``HOOKLOOP_DISABLE_PLUGIN_AUTOLOAD``).
@@ -220,7 +221,7 @@ class Loop:
                 spec, value = item
                 if value is None or isinstance(value, Mapping):
                     name = self.pm.load(spec, value)
-                    if value and "name" in value:
+                    if value and NAME_OPTION in value:
                         self._given_names.add(name)
                 else:  # {name: plugin object}
                     name = self.pm.register(value, spec)

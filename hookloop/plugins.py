@@ -24,6 +24,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "HOOK_NAMES",
     "ISOLATED_HOOKS",
+    "NAME_OPTION",
     "AvailablePlugin",
     "Callers",
     "Hooks",
@@ -42,6 +43,8 @@ ENTRY_POINT_GROUP = "hookloop"
 HOOK_NAMES: tuple[str, ...] = tuple(n for n in vars(hookspecs) if n.startswith("on_"))
 """Every hook name, canonical only (aliases are in ``hookspecs.ALIASES``), in firing order."""
 ISOLATED_HOOKS: tuple[str, ...] = ("on_exception", "on_close")
+NAME_OPTION = "hookloop_name"
+"""The reserved option of the config forms that names a plugin instance."""
 """Hooks whose implementations are all called even when one raises: an ``Exception`` or
 ``SystemExit`` is logged (logger ``hookloop``, with its traceback) whatever the plugin's
 fault policy, so it never replaces the exception in flight; plugins disabled by their
@@ -391,9 +394,10 @@ class PluginManager(pluggy.PluginManager):
         """Instantiate the installed plugin ``spec`` (entry-point name) with ``options``
         and register it under that name. Raises PluginError naming what is available.
 
-        The option ``"name"`` is reserved: it is not passed to the plugin and sets the
+        The option ``"hookloop_name"`` is reserved: it is not passed to the plugin
+        (a plugin may well take a ``name`` of its own) and sets the
         registered name, so one plugin can be loaded twice
-        (``load("tensorboard", {"name": "tb_val", ...})``). Loading a name that is
+        (``load("tensorboard", {"hookloop_name": "tb_val", ...})``). Loading a name that is
         already registered from the same entry point builds nothing and returns it
         (an error when other options are given, as they would be ignored).
         """
@@ -411,9 +415,10 @@ class PluginManager(pluggy.PluginManager):
             raise PluginError(f"plugin {spec!r} failed to import: {entry.error}")
         obj = entry.obj
         kwargs = dict(options or {})
-        explicit = kwargs.pop("name", None)
+        explicit = kwargs.pop(NAME_OPTION, None)
         if explicit is not None and (not isinstance(explicit, str) or not explicit):
-            raise PluginError(f"plugin {spec!r}: option name={explicit!r} must be a non-empty string")
+            raise PluginError(
+                f"plugin {spec!r}: option {NAME_OPTION}={explicit!r} must be a non-empty string")
         target = explicit or spec
         if self.get_plugin(target) is not None:  # already enabled: build nothing new
             if explicit is not None and self._origin.get(target) != spec:

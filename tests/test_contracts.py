@@ -159,8 +159,8 @@ def test_a_plugin_given_as_object_then_by_name_keeps_its_state(tmp_path) -> None
 
 
 def test_a_name_the_user_gives_wins() -> None:
-    loop = tiny_loop([("early_stopping", {"monitor": "val/acc", "mode": "max", "name": "es_acc"}),
-                      ("early_stopping", {"monitor": "val/loss", "name": "es_loss"})])
+    loop = tiny_loop([("early_stopping", {"monitor": "val/acc", "mode": "max", "hookloop_name": "es_acc"}),
+                      ("early_stopping", {"monitor": "val/loss", "hookloop_name": "es_loss"})])
     assert loop.get_plugin("es_acc").monitor == "val/acc"
     assert loop.get_plugin("es_loss").monitor == "val/loss"
     loop.fit(max_epochs=1)

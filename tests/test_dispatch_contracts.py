@@ -568,14 +568,14 @@ def test_load_accepts_a_name_option(fake_dist: Any) -> None:
     pm = PluginManager()
     with pytest.warns(RuntimeWarning, match="fake_broken"):
         assert pm.load("fake", {"scale": 2.0}) == "fake"
-    assert pm.load("fake", {"name": "fake_b", "scale": 3.0}) == "fake_b"
+    assert pm.load("fake", {"hookloop_name": "fake_b", "scale": 3.0}) == "fake_b"
     assert pm.get_plugin("fake").scale == 2.0 and pm.get_plugin("fake_b").scale == 3.0
-    assert pm.load("fake", {"name": "fake_b"}) == "fake_b"  # already there: nothing built
+    assert pm.load("fake", {"hookloop_name": "fake_b"}) == "fake_b"  # already there: nothing built
     pm.register(object(), "taken")
     with pytest.raises(PluginError, match="as 'taken': that name is taken"):
-        pm.load("fake", {"name": "taken"})
+        pm.load("fake", {"hookloop_name": "taken"})
     with pytest.raises(PluginError, match="name=3"):
-        pm.load("fake", {"name": 3})
+        pm.load("fake", {"hookloop_name": 3})
 
 
 def test_tracebacks_show_the_generated_plan_line() -> None:

@@ -86,7 +86,7 @@ def test_state_dict_is_weights_only_loadable() -> None:
     loop = make_loop([Counting()])
     loop.fit(max_epochs=1)
     state = roundtrip(loop.state_dict())
-    assert state["format"] == "hookloop.loop/1"
+    assert state["format"] == "hookloop.loop/2"
     assert state["plugins"]["Counting"] == {"seen": 10}
     assert state["loop"]["global_step"] == 10
     assert set(state["rng"][0]["now"]) >= {"python", "numpy", "torch"}

@@ -182,6 +182,9 @@ class Checkpoint:
 
     hookloop_name = "checkpoint"
     hookloop_on_error = "raise"
+    # without its bookkeeping the plugin rebuilds it from the manifest on disk: a resume
+    # (or an evaluation loop without this plugin) is not wrong, only warned about
+    hookloop_state_required = False
 
     def __init__(
         self,
