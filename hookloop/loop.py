@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import copy
-import inspect
 import logging
-import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -26,9 +23,11 @@ from torch import nn
 
 from hookloop import _distributed as dist
 from hookloop import resume
-from hookloop.metrics import MetricStore
+from hookloop._devices import model_device, to_device
+from hookloop.metrics import LoggingAPI, MetricStore
 from hookloop.optim import Optimization, as_list
-from hookloop.plugins import NAME_OPTION, Callers, PluginManager
+from hookloop.plugins import Callers, PluginManager
+from hookloop.resume import StateAPI
 from hookloop.state import LoopState
 
 __all__ = ["Loop", "StepFn"]
@@ -48,7 +47,7 @@ def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be a positive int; got {value!r}")
 
 
-class Loop:
+class Loop(LoggingAPI, StateAPI):
     """A minimal training loop that fires hooks; features are plugins.
 
     :param model: the ``nn.Module`` to train (moved to ``device``; wrapped in
@@ -138,7 +137,7 @@ class Loop:
         self.state = LoopState()
         self.pm = PluginManager()
         self.callers: Callers = self.pm.callers
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.device = torch.device(device) if device is not None else model_device(model)
         self.model: nn.Module = model.to(self.device)
         self.module = dist.unwrap(self.model)  # the inner model of a DDP model passed in
         self.optim = Optimization(
@@ -171,7 +170,6 @@ class Loop:
             self.pm.set_rank(self._dist.rank)
 
         self.plugin_failures: list[str] = []
-        self._given_names: set[str] = set()  # plugin names the user chose
         self._stop_epoch = False
         self._stop_agreed = False  # DDP: a stop every rank agreed on (see _agree_stop)
         self._rng_epoch_start: dict[str, Any] | None = None
@@ -210,73 +208,14 @@ class Loop:
         A plugin object that was used by another loop starts fresh here: its
         ``load_state_dict`` receives the state it had before its first loop (a
         checkpoint restores it later). A second ``fit`` on this loop continues."""
-        if plugins is None:
-            return []
-        items = list(plugins.items()) if isinstance(plugins, Mapping) else list(plugins)
-        names = []
-        for item in items:
-            if isinstance(item, str):
-                name = self.pm.load(item)
-            elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
-                spec, value = item
-                if value is None or isinstance(value, Mapping):
-                    name = self.pm.load(spec, value)
-                    if value and NAME_OPTION in value:
-                        self._given_names.add(name)
-                else:  # {name: plugin object}
-                    name = self.pm.register(value, spec)
-                    self._given_names.add(name)
-            else:
-                name = self.pm.register(item)
-            self._claim(self.pm.get_plugin(name))
-            names.append(name)
+        names = self.pm.add(plugins)
+        for name in names:
+            resume.claim(self, self.pm.get_plugin(name))
         return names
-
-    def _claim(self, plugin: Any) -> None:
-        """Per-run state: remember a plugin's state before its first loop, and restore
-        it when the object joins another loop."""
-        if not callable(getattr(plugin, "state_dict", None)) or not callable(
-                getattr(plugin, "load_state_dict", None)) or inspect.isclass(plugin):
-            return
-        owner = getattr(plugin, "_hookloop_owner", None)
-        if owner is None:
-            try:
-                plugin._hookloop_initial = copy.deepcopy(plugin.state_dict())
-                plugin._hookloop_owner = weakref.ref(self)
-            except (AttributeError, TypeError):  # __slots__ or frozen: cannot tell runs apart
-                pass
-            return
-        if owner() is not self:
-            initial = copy.deepcopy(plugin._hookloop_initial)
-            if "loop" in inspect.signature(plugin.load_state_dict).parameters:
-                plugin.load_state_dict(initial, loop=self)
-            else:
-                plugin.load_state_dict(initial)
-            plugin._hookloop_owner = weakref.ref(self)
 
     def get_plugin(self, name: str) -> Any:
         """The plugin registered under ``name`` (``None`` if there is none)."""
         return self.pm.get_plugin(name)
-
-    @property
-    def hparams(self) -> dict[str, Any]:
-        """The loop's configuration plus the user's ``hparams``, for trackers to record."""
-        opt = self.optimizers[0] if self.optimizers else None
-        cfg: dict[str, Any] = {
-            "model": type(self.module).__name__,
-            "optimizer": type(opt).__name__ if opt else None,
-            "lr": opt.param_groups[0].get("lr") if opt else None,
-            "precision": self.precision,
-            "grad_accum": self.grad_accum,
-            "grad_clip_norm": self.grad_clip_norm,
-            "log_every_n_steps": self.log_every_n_steps,
-            "max_epochs": self.state.max_epochs,
-            "max_steps": self.state.max_steps,
-            "device": str(self.device),
-            "world_size": self.state.world_size,
-        }
-        cfg.update(self.user_hparams)
-        return cfg
 
     # ------------------------------------------------------------------ control
 
@@ -317,70 +256,12 @@ class Loop:
             self._stop_epoch = True
         self._stop_agreed = self._stop_agreed or stop_votes > 0 or epoch_votes > 0
 
-    # ------------------------------------------------------------------ logging
-
-    def log(self, name: str, value: torch.Tensor | float) -> None:
-        """Record a scalar metric. Tensors are kept detached on their device and reduced
-        (mean, in float64) only at the log interval, epoch end and validation end: no
-        host-device sync here. During validation values go to the validation reduction.
-        See :mod:`hookloop.metrics` for what ``loop.state.metrics`` holds when."""
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise ValueError(
-                    f"loop.log({name!r}): expected a scalar, got a tensor of shape "
-                    f"{tuple(value.shape)}; reduce it first (e.g. .mean())"
-                )
-            value = value.detach()
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = float(value)
-        else:
-            raise TypeError(f"loop.log({name!r}): expected a tensor or a number; got {value!r}")
-        self.metrics.record(name, value)
-
-    def log_text(self, name: str, text: str) -> None:
-        """Send text (e.g. a model summary) to every tracker now."""
-        h = self.callers.on_log_text
-        if h is not None:
-            h(self, name, str(text), self.state.global_step, time.time())
-
-    def log_image(self, name: str, image: Any) -> None:
-        """Send an image (CPU tensor ``(C, H, W)`` in [0, 1], or a matplotlib figure)."""
-        h = self.callers.on_log_image
-        if h is not None:
-            if isinstance(image, torch.Tensor):
-                image = image.detach().cpu()
-            h(self, name, image, self.state.global_step, time.time())
-
-    def log_histogram(self, name: str, values: torch.Tensor) -> None:
-        """Send the distribution of ``values`` (e.g. a weight or its gradient) to the
-        trackers: one host-device copy, only when a plugin implements the hook."""
-        h = self.callers.on_log_histogram
-        if h is not None:
-            flat = values.detach().reshape(-1).float().cpu().clone()
-            h(self, name, flat, self.state.global_step, time.time())
-
-    def log_graph(self, example_input: Any, model: nn.Module | None = None) -> None:
-        """Let trackers trace the model's graph with ``example_input`` (moved to the
-        loop's device), on this thread; ``model`` defaults to the inner model."""
-        h = self.callers.on_log_graph
-        if h is not None:
-            h(self, model if model is not None else self.module, self.to_device(example_input))
-
-    def log_mesh(self, name: str, vertices: torch.Tensor, faces: torch.Tensor | None = None,
-                 colors: torch.Tensor | None = None) -> None:
-        """Send a point cloud or mesh (TensorBoard's ``add_mesh`` layout: vertices
-        ``(B, N, 3)``, faces ``(B, F, 3)``, colors ``(B, N, 3)`` uint8)."""
-        h = self.callers.on_log_mesh
-        if h is not None:
-            cpu = [t.detach().cpu() if t is not None else None for t in (vertices, faces, colors)]
-            h(self, name, *cpu, self.state.global_step, time.time())
-
     # ------------------------------------------------------------------ devices
 
     def to_device(self, batch: Any) -> Any:
         """Move a batch (tensors in tuples, lists, dicts) to the loop's device; tensors
         already there are left alone, pinned tensors are copied non-blocking."""
-        return _to_device(batch, self.device)
+        return to_device(batch, self.device)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The autocast context of the loop's precision (null for ``"32"``)."""
@@ -618,7 +499,7 @@ class Loop:
         train_step = self._train_step
         for batch in it:
             if move:
-                batch = _to_device(batch, device)
+                batch = to_device(batch, device)
             state.batch_idx = batch_idx
             h = callers.on_train_batch_start
             if h is not None:
@@ -669,7 +550,7 @@ class Loop:
                 if h is not None:
                     h(self)
                 for batch_idx, batch in enumerate(data):
-                    batch = _to_device(batch, self.device)
+                    batch = to_device(batch, self.device)
                     with self.optim.autocast():
                         if self.val_step_fn is not None:
                             outputs = self.val_step_fn(self, batch)
@@ -709,36 +590,6 @@ class Loop:
         if lines:
             log.warning("hookloop: plugin failures during fit:\n  %s", "\n  ".join(lines))
         self.plugin_failures = lines
-
-    # ------------------------------------------------------------------ state
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume bit-exactly; loadable with
-        ``torch.load(weights_only=True)``. Under DDP every rank must call it (RNG
-        states of all ranks are gathered, so rank 0 can write them all).
-
-        Keys: ``format`` (``hookloop.loop/2``), ``model``, ``optimizers``,
-        ``schedulers``, ``scaler``, ``layout`` (optimizer and scheduler classes and
-        group sizes), ``loop`` (counters and stamped metrics), ``metrics_pending``,
-        ``rng`` (one entry per rank, each with ``now``, ``epoch_start``, ``loader`` and
-        ``loader_now``; under DDP also that rank's own ``metrics_pending``),
-        ``plugins`` (each stateful plugin's ``state_dict()`` under its state key, see
-        :mod:`hookloop.resume`), ``plugin_meta``, ``hparams``; plugins may add keys in
-        ``on_save_checkpoint``.
-        """
-        return resume.state_dict(self)
-
-    def load_state_dict(self, checkpoint: Mapping[str, Any], *, strict: bool = True) -> None:
-        """Restore :meth:`state_dict` output in two phases: validate everything (model
-        keys and shapes, optimizer and scheduler layout, plugin states; a mismatch raises
-        :class:`~hookloop.resume.ResumeError` listing every problem and changes
-        nothing), then apply: model, plugins (tensors on ``loop.device``; a plugin's
-        ``load_state_dict`` that takes a ``loop`` keyword receives this loop),
-        optimizers, schedulers, scaler, counters, pending metrics, RNG; then
-        ``on_load_checkpoint`` fires. ``strict=False`` allows missing or unexpected
-        model keys and turns missing or unknown plugin state into warnings.
-        Checkpoints of format ``hookloop.loop/1`` are migrated."""
-        resume.load_state_dict(self, checkpoint, strict=strict)
 
     # ------------------------------------------------------------------ teardown
 
@@ -790,12 +641,6 @@ def _close_open_loops() -> None:
             log.error("hookloop: closing a loop at exit failed: %r", exc)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _checked_loss(loss: Any) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -804,17 +649,3 @@ def _checked_loss(loss: Any) -> torch.Tensor:
             "Reduce the loss (e.g. reduction='mean') or return a dict with 'loss'"
         )
     return loss
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        if batch.device == device:
-            return batch
-        return batch.to(device, non_blocking=batch.is_pinned())
-    if isinstance(batch, (list, tuple)):
-        moved = [_to_device(b, device) for b in batch]
-        return type(batch)(moved) if not hasattr(batch, "_fields") else type(batch)(*moved)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
-

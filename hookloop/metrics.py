@@ -26,13 +26,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from hookloop import _distributed as dist
 
 if TYPE_CHECKING:
     from hookloop.loop import Loop
 
-__all__ = ["MetricStamp", "MetricStore"]
+__all__ = ["LoggingAPI", "MetricStamp", "MetricStore"]
 
 STAGES = ("train", "train_epoch", "validate")
 
@@ -266,6 +267,77 @@ class MetricStore:
         self.undelivered = ({n: t / c for n, (t, c) in totals.items()}
                             if state.get("flush_due") else None)
         self.undelivered_time = float(state.get("undelivered_time") or time.time())
+
+
+class LoggingAPI:
+    """The logging calls of :class:`~hookloop.Loop`: scalars go to the loop's
+    :class:`MetricStore`; text, images, histograms, graphs and meshes go straight to the
+    plugins that implement their hooks (nothing is built when none does)."""
+
+    metrics: MetricStore
+    callers: Any
+    state: Any
+    module: nn.Module
+
+    def to_device(self, batch: Any) -> Any:  # pragma: no cover - Loop defines it
+        raise NotImplementedError
+
+    def log(self, name: str, value: torch.Tensor | float) -> None:
+        """Record a scalar metric. Tensors are kept detached on their device and reduced
+        (mean, in float64) only at the log interval, epoch end and validation end: no
+        host-device sync here. During validation values go to the validation reduction.
+        See :mod:`hookloop.metrics` for what ``loop.state.metrics`` holds when."""
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(
+                    f"loop.log({name!r}): expected a scalar, got a tensor of shape "
+                    f"{tuple(value.shape)}; reduce it first (e.g. .mean())"
+                )
+            value = value.detach()
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+        else:
+            raise TypeError(f"loop.log({name!r}): expected a tensor or a number; got {value!r}")
+        self.metrics.record(name, value)
+
+    def log_text(self, name: str, text: str) -> None:
+        """Send text (e.g. a model summary) to every tracker now."""
+        h = self.callers.on_log_text
+        if h is not None:
+            h(self, name, str(text), self.state.global_step, time.time())
+
+    def log_image(self, name: str, image: Any) -> None:
+        """Send an image (CPU tensor ``(C, H, W)`` in [0, 1], or a matplotlib figure)."""
+        h = self.callers.on_log_image
+        if h is not None:
+            if isinstance(image, torch.Tensor):
+                image = image.detach().cpu()
+            h(self, name, image, self.state.global_step, time.time())
+
+    def log_histogram(self, name: str, values: torch.Tensor) -> None:
+        """Send the distribution of ``values`` (e.g. a weight or its gradient) to the
+        trackers: one host-device copy, only when a plugin implements the hook."""
+        h = self.callers.on_log_histogram
+        if h is not None:
+            flat = values.detach().reshape(-1).float().cpu().clone()
+            h(self, name, flat, self.state.global_step, time.time())
+
+    def log_graph(self, example_input: Any, model: nn.Module | None = None) -> None:
+        """Let trackers trace the model's graph with ``example_input`` (moved to the
+        loop's device), on this thread; ``model`` defaults to the inner model."""
+        h = self.callers.on_log_graph
+        if h is not None:
+            h(self, model if model is not None else self.module, self.to_device(example_input))
+
+    def log_mesh(self, name: str, vertices: torch.Tensor, faces: torch.Tensor | None = None,
+                 colors: torch.Tensor | None = None) -> None:
+        """Send a point cloud or mesh (TensorBoard's ``add_mesh`` layout: vertices
+        ``(B, N, 3)``, faces ``(B, F, 3)``, colors ``(B, N, 3)`` uint8)."""
+        h = self.callers.on_log_mesh
+        if h is not None:
+            cpu = [t.detach().cpu() if t is not None else None for t in (vertices, faces, colors)]
+            h(self, name, *cpu, self.state.global_step, time.time())
+
 
 
 def _to_plain(value: Any) -> Any:

@@ -1,14 +1,13 @@
-"""Plugin management on pluggy: registration, entry-point discovery, ordering, fault
-policies and the compiled call plan the loop dispatches through."""
+"""Plugin management on pluggy: registration, ordering, fault policies and the compiled
+call plan the loop dispatches through (entry-point discovery is in
+:mod:`hookloop.discovery`)."""
 
 from __future__ import annotations
 
 import difflib
-import importlib.metadata as importlib_metadata
 import inspect
 import itertools
 import logging
-import os
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +17,14 @@ import pluggy
 
 from hookloop import hookspecs
 from hookloop._dispatch import PlanEntry, call_argnames, compile_hook, get_only
+from hookloop.discovery import (
+    ENTRY_POINT_GROUP,
+    HOOK_NAMES,
+    AvailablePlugin,
+    PluginError,
+    _env_flag,
+    available_plugins,
+)
 from hookloop.hookspecs import ALIASES
 
 __all__ = [
@@ -38,113 +45,16 @@ __all__ = [
 hookimpl = pluggy.HookimplMarker("hookloop")
 """Marker for hook implementations: ``@hookimpl`` or ``@hookimpl(tryfirst=True)``."""
 
-ENTRY_POINT_GROUP = "hookloop"
-# in definition order, which is firing order within a phase
-HOOK_NAMES: tuple[str, ...] = tuple(n for n in vars(hookspecs) if n.startswith("on_"))
-"""Every hook name, canonical only (aliases are in ``hookspecs.ALIASES``), in firing order."""
 ISOLATED_HOOKS: tuple[str, ...] = ("on_exception", "on_close")
-NAME_OPTION = "hookloop_name"
-"""The reserved option of the config forms that names a plugin instance."""
 """Hooks whose implementations are all called even when one raises: an ``Exception`` or
 ``SystemExit`` is logged (logger ``hookloop``, with its traceback) whatever the plugin's
 fault policy, so it never replaces the exception in flight; plugins disabled by their
 policy are still called. KeyboardInterrupt propagates."""
+NAME_OPTION = "hookloop_name"
+"""The reserved option of the config forms that names a plugin instance."""
 _ISOLATED_CATCHES: tuple[type[BaseException], ...] = (Exception, SystemExit)
 POLICIES = ("raise", "warn", "disable")
 _log = logging.getLogger("hookloop")
-
-
-class PluginError(Exception):
-    """A plugin could not be registered, found or loaded; the message names it."""
-
-
-def _env_flag(name: str) -> bool:
-    """An on/off environment switch: unset, empty and ``0`` mean off."""
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _env_list(name: str) -> list[str] | None:
-    value = os.environ.get(name)
-    if value is None:
-        return None
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _plugin_filter(name: str) -> str | None:
-    """Why a plugin is blocked by the environment, or None when it is allowed."""
-    allow = _env_list("HOOKLOOP_PLUGINS")
-    if allow is not None and name not in allow:
-        return "not in HOOKLOOP_PLUGINS"
-    block = _env_list("HOOKLOOP_BLOCK_PLUGINS") or []
-    if name in block:
-        return "in HOOKLOOP_BLOCK_PLUGINS"
-    return None
-
-
-@dataclass
-class AvailablePlugin:
-    """An entry point of the ``hookloop`` group, loaded once.
-
-    ``obj`` is what the entry point refers to: a class or factory (enabled by name, with
-    options) or a module/instance (always-on: registered by autoload).
-    """
-
-    name: str
-    distribution: str
-    version: str
-    obj: Any = None
-    error: str | None = None
-    blocked: str | None = None
-    hooks: list[str] = field(default_factory=list)
-
-    @property
-    def always_on(self) -> bool:
-        """True for a module or instance, which autoload registers as is."""
-        return (self.obj is not None and not callable(self.obj)) or inspect.ismodule(self.obj)
-
-
-_AVAILABLE: dict[str, AvailablePlugin] | None = None
-
-
-def _impl_names(obj: Any) -> list[str]:
-    """The canonical names of the hooks ``obj`` implements (aliases resolved)."""
-    return sorted({ALIASES.get(n, n) for n in (*HOOK_NAMES, *ALIASES) if callable(getattr(obj, n, None))})
-
-
-def available_plugins(refresh: bool = False) -> dict[str, AvailablePlugin]:
-    """Every entry point in the ``hookloop`` group by name, imported once and cached.
-
-    A plugin whose import fails is reported with a warning naming it and kept with its
-    ``error``; the others still load. Environment switches: ``HOOKLOOP_PLUGINS`` (comma
-    separated allowlist; empty allows none) and ``HOOKLOOP_BLOCK_PLUGINS`` (blocklist).
-    """
-    global _AVAILABLE
-    if _AVAILABLE is not None and not refresh:
-        return _AVAILABLE
-    found: dict[str, AvailablePlugin] = {}
-    for ep in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP):
-        dist = getattr(ep, "dist", None)
-        entry = AvailablePlugin(
-            name=ep.name,
-            distribution=dist.metadata["Name"] if dist is not None else "?",
-            version=dist.version if dist is not None else "?",
-        )
-        entry.blocked = _plugin_filter(ep.name)
-        if entry.blocked is None:
-            try:
-                entry.obj = ep.load()
-                entry.hooks = _impl_names(entry.obj)
-            except Exception as exc:  # a broken plugin must not stop the others
-                entry.error = f"{type(exc).__name__}: {exc}"
-                warnings.warn(
-                    f"hookloop plugin {ep.name!r} ({ep.value}) failed to import: "
-                    f"{entry.error}; the other plugins still load",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        found.setdefault(ep.name, entry)
-    _AVAILABLE = found
-    return found
 
 
 class Callers:
@@ -227,6 +137,9 @@ class PluginManager(pluggy.PluginManager):
         self._aka: dict[str, frozenset[str]] = {}  # names ordering declarations may use
         self._argnames: dict[tuple[str, str], tuple[str, ...]] = {}
         self._origin: dict[str, str] = {}  # registered name -> entry point it was loaded from
+        self.given_names: set[str] = set()
+        """Registered names that the user chose (``register(name=...)`` or the
+        ``hookloop_name`` option); a plugin's state is keyed by such a name."""
 
     @property
     def hooks(self) -> Callers:
@@ -274,7 +187,32 @@ class PluginManager(pluggy.PluginManager):
         unknown hook name, a method whose parameters the hook cannot fill by name,
         the same object registered twice, or a bad policy; nothing stays registered.
         """
-        return self._register(plugin, name, on_error, max_failures, ())
+        registered = self._register(plugin, name, on_error, max_failures, ())
+        if name is not None:
+            self.given_names.add(registered)
+        return registered
+
+    def add(self, plugins: Iterable[Any] | Mapping[str, Any] | None) -> list[str]:
+        """Register plugin specs in order (the first is called first) and return their
+        names: plugin objects, installed names, ``(name, options)`` pairs given as a
+        tuple or a list, or a mapping of name to options, or of a chosen name to a
+        plugin object. The option ``hookloop_name`` names an instance."""
+        if plugins is None:
+            return []
+        items = list(plugins.items()) if isinstance(plugins, Mapping) else list(plugins)
+        names = []
+        for item in items:
+            if isinstance(item, str):
+                names.append(self.load(item))
+            elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
+                spec, value = item
+                if value is None or isinstance(value, Mapping):
+                    names.append(self.load(spec, value))
+                else:  # a chosen name for a plugin object
+                    names.append(self.register(value, spec))
+            else:
+                names.append(self.register(item))
+        return names
 
     def _register(
         self, plugin: Any, name: str | None, on_error: str | None, max_failures: int | None,
@@ -383,6 +321,7 @@ class PluginManager(pluggy.PluginManager):
             self._aka.pop(key, None)
             self._policies.pop(key, None)
             self._origin.pop(key, None)
+            self.given_names.discard(key)
             for hook_key in [h for h in self._argnames if h[0] == key]:
                 del self._argnames[hook_key]
             for once_key in [h for h in self._once if h[0] == key]:
@@ -443,6 +382,8 @@ class PluginManager(pluggy.PluginManager):
             return self.get_name(plugin) or spec
         registered = self._register(plugin, target, None, None, (spec,))
         self._origin[registered] = spec
+        if explicit is not None:
+            self.given_names.add(registered)
         return registered
 
     def load_autoload_plugins(self) -> list[str]:

@@ -27,20 +27,23 @@ incomplete (trackers, progress bars: a warning).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import random
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hookloop import _distributed as dist
+from hookloop._devices import to_device
 
 if TYPE_CHECKING:
     from hookloop.loop import Loop
 
-__all__ = ["STATE_FORMAT", "ResumeError", "load_state_dict", "migrate", "state_dict", "state_key"]
+__all__ = ["STATE_FORMAT", "ResumeError", "StateAPI", "claim", "collect", "migrate", "restore", "state_key"]
 
 log = logging.getLogger("hookloop")
 
@@ -72,7 +75,7 @@ def _stateful(plugin: Any) -> bool:
 
 def plugin_key(loop: Loop, name: str, plugin: Any) -> str:
     """The key of a registered plugin's state in a checkpoint."""
-    if name in loop._given_names:
+    if name in loop.pm.given_names:
         return name
     key = getattr(plugin, "state_key", None)
     return key if isinstance(key, str) and key else name
@@ -94,11 +97,37 @@ def _plugin_states(loop: Loop) -> tuple[dict[str, Any], dict[str, Any]]:
     return states, meta
 
 
+def _load_plugin_state(loop: Loop, plugin: Any, state: Any) -> None:
+    loader = plugin.load_state_dict
+    if "loop" in inspect.signature(loader).parameters:
+        loader(state, loop=loop)  # e.g. to rebuild param groups
+    else:
+        loader(state)
+
+
+def claim(loop: Loop, plugin: Any) -> None:
+    """Per-run state: remember a stateful plugin's state before its first loop, and
+    give it that state back when the object joins another loop (a checkpoint restores
+    it later). A second ``fit`` on the same loop continues."""
+    if not (_stateful(plugin) and callable(getattr(plugin, "load_state_dict", None))):
+        return
+    owner = getattr(plugin, "_hookloop_owner", None)
+    if owner is None:
+        try:
+            plugin._hookloop_initial = copy.deepcopy(plugin.state_dict())
+            plugin._hookloop_owner = weakref.ref(loop)
+        except (AttributeError, TypeError):  # __slots__ or frozen: cannot tell runs apart
+            pass
+    elif owner() is not loop:
+        _load_plugin_state(loop, plugin, copy.deepcopy(plugin._hookloop_initial))
+        plugin._hookloop_owner = weakref.ref(loop)
+
+
 # ---------------------------------------------------------------------- saving
 
 
-def state_dict(loop: Loop) -> dict[str, Any]:
-    """See :meth:`hookloop.Loop.state_dict`."""
+def collect(loop: Loop) -> dict[str, Any]:
+    """Build the checkpoint of ``loop`` (see :meth:`hookloop.Loop.state_dict`)."""
     from hookloop.tracking import mask_secrets
 
     pending = loop.metrics.state_dict()
@@ -263,8 +292,8 @@ def _check_optim(loop: Loop, checkpoint: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def load_state_dict(loop: Loop, checkpoint: Mapping[str, Any], *, strict: bool = True) -> None:
-    """See :meth:`hookloop.Loop.load_state_dict`."""
+def restore(loop: Loop, checkpoint: Mapping[str, Any], *, strict: bool = True) -> None:
+    """Validate, then apply ``checkpoint`` to ``loop`` (see :meth:`hookloop.Loop.load_state_dict`)."""
     if not isinstance(checkpoint, Mapping):
         raise ResumeError(f"a checkpoint is a dict made by loop.state_dict(); got "
                           f"{type(checkpoint).__name__}")
@@ -298,12 +327,7 @@ def _apply(loop: Loop, checkpoint: Mapping[str, Any], matches: list[tuple[str, A
     optim = loop.optim
     loop.module.load_state_dict(checkpoint["model"], strict=strict)
     for _name, plugin, key in matches:  # after the model: e.g. freezing rebuilds param groups
-        state = to_device(checkpoint["plugins"][key], loop.device)
-        loader = plugin.load_state_dict
-        if "loop" in inspect.signature(loader).parameters:
-            loader(state, loop=loop)
-        else:
-            loader(state)
+        _load_plugin_state(loop, plugin, to_device(checkpoint["plugins"][key], loop.device))
     for opt, sd in zip(optim.optimizers, checkpoint["optimizers"], strict=True):
         opt.load_state_dict(sd)
     for sched, sd in zip(optim.schedulers, checkpoint.get("schedulers", []), strict=True):
@@ -329,18 +353,70 @@ def _apply(loop: Loop, checkpoint: Mapping[str, Any], matches: list[tuple[str, A
         h(loop, checkpoint)
 
 
+class StateAPI:
+    """The state calls of :class:`~hookloop.Loop`: its configuration for trackers and
+    checkpoints, and the checkpoint itself."""
+
+    optimizers: list[torch.optim.Optimizer]
+    module: torch.nn.Module
+    state: Any
+    device: torch.device
+    user_hparams: dict[str, Any]
+    log_every_n_steps: int
+    precision: str
+    grad_accum: int
+    grad_clip_norm: float | None
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The loop's configuration plus the user's ``hparams``, for trackers to record."""
+        opt = self.optimizers[0] if self.optimizers else None
+        cfg: dict[str, Any] = {
+            "model": type(self.module).__name__,
+            "optimizer": type(opt).__name__ if opt else None,
+            "lr": opt.param_groups[0].get("lr") if opt else None,
+            "precision": self.precision,
+            "grad_accum": self.grad_accum,
+            "grad_clip_norm": self.grad_clip_norm,
+            "log_every_n_steps": self.log_every_n_steps,
+            "max_epochs": self.state.max_epochs,
+            "max_steps": self.state.max_steps,
+            "device": str(self.device),
+            "world_size": self.state.world_size,
+        }
+        cfg.update(self.user_hparams)
+        return cfg
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit-exactly; loadable with
+        ``torch.load(weights_only=True)``. Under DDP every rank must call it (RNG
+        states of all ranks are gathered, so rank 0 can write them all).
+
+        Keys: ``format`` (``hookloop.loop/2``), ``model``, ``optimizers``,
+        ``schedulers``, ``scaler``, ``layout`` (optimizer and scheduler classes and
+        group sizes), ``loop`` (counters and stamped metrics), ``metrics_pending``,
+        ``rng`` (one entry per rank, each with ``now``, ``epoch_start``, ``loader`` and
+        ``loader_now``; under DDP also that rank's own ``metrics_pending``),
+        ``plugins`` (each stateful plugin's ``state_dict()`` under its state key, see
+        :mod:`hookloop.resume`), ``plugin_meta``, ``hparams``; plugins may add keys in
+        ``on_save_checkpoint``.
+        """
+        return collect(self)  # type: ignore[arg-type]
+
+    def load_state_dict(self, checkpoint: Mapping[str, Any], *, strict: bool = True) -> None:
+        """Restore :meth:`state_dict` output in two phases: validate everything (model
+        keys and shapes, optimizer and scheduler layout, plugin states; a mismatch raises
+        :class:`~hookloop.resume.ResumeError` listing every problem and changes
+        nothing), then apply: model, plugins (tensors on ``loop.device``; a plugin's
+        ``load_state_dict`` that takes a ``loop`` keyword receives this loop),
+        optimizers, schedulers, scaler, counters, pending metrics, RNG; then
+        ``on_load_checkpoint`` fires. ``strict=False`` allows missing or unexpected
+        model keys and turns missing or unknown plugin state into warnings.
+        Checkpoints of format ``hookloop.loop/1`` are migrated."""
+        restore(self, checkpoint, strict=strict)  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------------- helpers
-
-
-def to_device(value: Any, device: torch.device) -> Any:
-    """``value`` with every tensor inside dicts, lists and tuples moved to ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {k: to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(to_device(v, device) for v in value)
-    return value
 
 
 def _plain_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hookloop import plugins
+from hookloop import discovery
 
 FAKE_SITE = Path(__file__).parent / "fixtures" / "site"
 
@@ -18,9 +18,9 @@ def _clean_plugin_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for var in ("HOOKLOOP_PLUGINS", "HOOKLOOP_BLOCK_PLUGINS", "HOOKLOOP_DISABLE_PLUGIN_AUTOLOAD",
                 "HOOKLOOP_TRACE"):
         monkeypatch.delenv(var, raising=False)
-    plugins._AVAILABLE = None
+    discovery._AVAILABLE = None
     yield
-    plugins._AVAILABLE = None
+    discovery._AVAILABLE = None
 
 
 @pytest.fixture
@@ -30,5 +30,5 @@ def fake_dist(monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.syspath_prepend(str(FAKE_SITE))
     for mod in [m for m in sys.modules if m.startswith("hookloop_fake")]:
         monkeypatch.delitem(sys.modules, mod)
-    plugins._AVAILABLE = None
+    discovery._AVAILABLE = None
     return FAKE_SITE

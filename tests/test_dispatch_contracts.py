@@ -556,7 +556,7 @@ def test_available_plugins_show_canonical_hook_names(fake_dist: Any, monkeypatch
     entry = found["fake"]
     cls = type("Aliased", (), {"on_batch_end": lambda self: None, "on_log": lambda self: None})
     monkeypatch.setattr(entry, "obj", cls)
-    from hookloop.plugins import _impl_names
+    from hookloop.discovery import _impl_names
 
     assert _impl_names(cls) == ["on_log", "on_train_batch_end"]
 
