@@ -1,6 +1,7 @@
 """hookloop: a minimal, fast, event-driven PyTorch training loop; features are plugins."""
 
 from hookloop._dispatch import only
+from hookloop.errors import MonitorNotFoundError
 from hookloop.loop import Loop
 from hookloop.metrics import MetricStamp
 from hookloop.plugins import PluginError, PluginManager, available_plugins, hookimpl
@@ -11,6 +12,7 @@ __all__ = [
     "Loop",
     "LoopState",
     "MetricStamp",
+    "MonitorNotFoundError",
     "PluginError",
     "PluginManager",
     "ResumeError",

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hookloop.errors import MonitorNotFoundError
 from hookloop.plugins import hookimpl
 from hookloop.resume import state_key
 from hookloop_checkpoint._io import (
@@ -47,13 +48,6 @@ log = logging.getLogger("hookloop.checkpoint")
 
 MODES = ("min", "max")
 FORMATS = ("torch", "safetensors")
-
-
-class MonitorNotFoundError(KeyError):
-    """The monitored metric is not among the logged metrics; the message lists them."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 class CheckpointWriteError(CheckpointError, OSError):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hookloop.errors import MonitorNotFoundError  # re-exported: the shared core error
 from hookloop.plugins import hookimpl
 from hookloop.resume import state_key
 
@@ -32,13 +33,6 @@ MODES = ("min", "max")
 CHECK_ON = ("validation", "train_epoch")
 NONFINITE = ("stop", "skip_batch", "rollback")
 ROLLBACK_SOURCES = ("memory", "checkpoint")
-
-
-class MonitorNotFoundError(KeyError):
-    """The monitored metric was never logged; the message lists the metrics that were."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 def _clone_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
