@@ -14,7 +14,6 @@ Quick start::
 Or by name: ``Loop(..., plugins={"checkpoint": {"dirpath": "runs/ckpt"}})``.
 """
 
-from hookloop_checkpoint._bench import measure_save_stall
 from hookloop_checkpoint._io import MANIFEST_NAME, atomic_write, render_filename, sanitize_name
 from hookloop_checkpoint._load import (
     CHECKPOINT_FORMAT,
@@ -52,7 +51,6 @@ __all__ = [
     "list_checkpoints",
     "load",
     "load_checkpoint",
-    "measure_save_stall",
     "render_filename",
     "sanitize_name",
 ]

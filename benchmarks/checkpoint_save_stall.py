@@ -1,7 +1,17 @@
-"""Measure how long the training loop is blocked per save, synchronous vs async."""
+"""How long the training loop is blocked per checkpoint save, synchronous vs async, as
+the ``checkpoint`` plugin itself measures it (``Checkpoint.stats``).
+
+A quick, in-process companion to ``checkpoint_stall.py`` (which measures the gap the
+loop sees from outside, against a run without the plugin): call
+:func:`measure_save_stall` from a notebook or run
+``python benchmarks/checkpoint_save_stall.py [--model-mb 128] [--saves 5] [--device cpu]``.
+Benchmark code only: the plugin's runtime package does not carry it.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import shutil
 import statistics
 import tempfile
@@ -39,9 +49,10 @@ def measure_save_stall(
     "min", "max", "all"}, "write_ms": {...}, "bytes"}}, "ratio"}`` where ``ratio`` is
     the async median stall over the sync one (the goal is at most 0.2).
     """
+    from hookloop_checkpoint import Checkpoint
+
     from hookloop import Loop
     from hookloop.plugins import hookimpl
-    from hookloop_checkpoint._plugin import Checkpoint
 
     width = 2048
     layers = max(1, round(model_mb * 1e6 / (width * width * 4)))
@@ -84,3 +95,19 @@ def measure_save_stall(
         result["ratio"] = (result["modes"]["async"]["stall_ms"]["median"]
                            / result["modes"]["sync"]["stall_ms"]["median"])
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point: print the result of :func:`measure_save_stall` as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-mb", type=float, default=128.0, help="model size in MB (default: 128)")
+    parser.add_argument("--saves", type=int, default=5, help="saves per mode (default: 5)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    args = parser.parse_args(argv)
+    result = measure_save_stall(model_mb=args.model_mb, saves=args.saves, device=args.device)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
