@@ -1,5 +1,8 @@
 """``hookloop demo``: transfer learning on scikit-learn's bundled digits, end to end.
 
+This distribution adds the ``demo`` subcommand to the ``hookloop`` command through the
+``hookloop.commands`` entry-point group; ``python -m hookloop_demo`` runs it too.
+
 The demo tells one story with every bundled plugin, on 1,797 real 8x8 handwritten digits
 that ship with scikit-learn (nothing is downloaded), in about a minute on a laptop CPU:
 
@@ -171,8 +174,8 @@ class DigitSplits:
 def _load_digits() -> Split:
     try:
         from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - the demo extra installs it
-        raise SystemExit("the demo needs scikit-learn: pip install 'hookloop[demo]'") from exc
+    except ImportError as exc:  # pragma: no cover - a dependency of this distribution
+        raise SystemExit("the demo needs scikit-learn: pip install scikit-learn") from exc
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
     return x, torch.tensor(data.target, dtype=torch.long)
@@ -709,7 +712,10 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoOptions:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``hookloop demo``; returns the exit status."""
+    """Run ``hookloop demo`` with the arguments after ``demo``; returns the exit status.
+
+    This is the ``demo`` entry point of the ``hookloop.commands`` group.
+    """
     opts = parse_args(argv)
     run(opts)
     sys.stdout.flush()

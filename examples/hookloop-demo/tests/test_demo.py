@@ -5,15 +5,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import hookloop_demo as demo
 import pytest
-
-for _module in ("sklearn", "hookloop_checkpoint", "hookloop_earlystopping", "hookloop_freeze",
-                "hookloop_summary", "hookloop_progress"):
-    pytest.importorskip(_module)
-
-from hookloop_checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
-
-from hookloop import demo  # noqa: E402
+from hookloop_checkpoint import list_checkpoints, load_checkpoint
 
 TRACKERS = tuple(t for t in demo.TRACKERS
                  if importlib.util.find_spec(f"hookloop_{t}") and importlib.util.find_spec(t))
@@ -116,3 +110,11 @@ def test_options() -> None:
         demo.parse_args(["--trackers", "neptune"])
     with pytest.raises(SystemExit):
         demo.parse_args(["--transfer-epochs", "1"])
+
+
+def test_registers_the_demo_subcommand() -> None:
+    from importlib.metadata import entry_points
+
+    (ep,) = [ep for ep in entry_points(group="hookloop.commands") if ep.name == "demo"]
+    assert ep.value == "hookloop_demo:main"
+    assert ep.load() is demo.main
