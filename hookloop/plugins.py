@@ -24,6 +24,8 @@ from hookloop.discovery import (
     PluginError,
     _env_flag,
     available_plugins,
+    did_you_mean,
+    missing_plugin_message,
 )
 from hookloop.hookspecs import ALIASES
 
@@ -52,6 +54,14 @@ fault policy, so it never replaces the exception in flight; plugins disabled by 
 policy are still called. KeyboardInterrupt propagates."""
 NAME_OPTION = "hookloop_name"
 """The reserved option of the config forms that names a plugin instance."""
+NOT_HOOKS_ATTRIBUTE = "hookloop_not_hooks"
+"""The plugin attribute naming methods that start with ``on_`` but are not hooks."""
+SPEC_FORMS = (
+    "a plugin object (an instance, or a module), an installed plugin name ('checkpoint'), "
+    "a (name, options) pair as a tuple or a list (['checkpoint', {'dirpath': 'runs/ckpt'}]), "
+    "or a mapping of name to options ({'checkpoint': {'dirpath': 'runs/ckpt'}})"
+)
+"""What a plugin spec may be, as error messages say it."""
 _ISOLATED_CATCHES: tuple[type[BaseException], ...] = (Exception, SystemExit)
 POLICIES = ("raise", "warn", "disable")
 _log = logging.getLogger("hookloop")
@@ -120,7 +130,15 @@ class PluginManager(pluggy.PluginManager):
       must run before / after this plugin's, for every hook both implement; or a
       mapping of hook name to names to order only those hooks (``"*"``: the others).
       A name matches a plugin's registered name or its :func:`base_name`;
-    - ``hookloop_rank_zero_only``: call only on the global rank 0 process.
+    - ``hookloop_rank_zero_only``: call only on the global rank 0 process;
+    - ``hookloop_not_hooks``: names of methods that start with ``on_`` but are not
+      hooks. Any other unmarked ``on_...`` method must be named after a hook or an
+      alias: a misspelled hook is refused with a "did you mean", never ignored.
+
+    Registration refuses what cannot be a plugin, naming it: ``None``, numbers,
+    strings (load installed plugins by name with :meth:`load`), containers, functions,
+    and a class whose hook methods need an instance (``Checkpoint`` instead of
+    ``Checkpoint(...)``).
     """
 
     def __init__(self) -> None:
@@ -137,6 +155,7 @@ class PluginManager(pluggy.PluginManager):
         self._aka: dict[str, frozenset[str]] = {}  # names ordering declarations may use
         self._argnames: dict[tuple[str, str], tuple[str, ...]] = {}
         self._origin: dict[str, str] = {}  # registered name -> entry point it was loaded from
+        self._options: dict[str, dict[str, Any]] = {}  # registered name -> options it was loaded with
         self.given_names: set[str] = set()
         """Registered names that the user chose (``register(name=...)`` or the
         ``hookloop_name`` option); a plugin's state is keyed by such a name."""
@@ -159,7 +178,7 @@ class PluginManager(pluggy.PluginManager):
         hook or an alias (``hookspecs.ALIASES``); an alias implements its canonical
         hook (pluggy's ``specname``)."""
         opts = super().parse_hookimpl_opts(plugin, name)
-        if opts is None and (name in HOOK_NAMES or name in ALIASES):
+        if opts is None and (name in HOOK_NAMES or name in ALIASES) and name not in _not_hooks(plugin):
             try:
                 member = getattr(plugin, name)
             except Exception:
@@ -194,35 +213,67 @@ class PluginManager(pluggy.PluginManager):
 
     def add(self, plugins: Iterable[Any] | Mapping[str, Any] | None) -> list[str]:
         """Register plugin specs in order (the first is called first) and return their
-        names: plugin objects, installed names, ``(name, options)`` pairs given as a
-        tuple or a list, or a mapping of name to options, or of a chosen name to a
-        plugin object. The option ``hookloop_name`` names an instance."""
+        names. ``plugins`` is ``None``, a mapping of name to options (or to a plugin
+        object, registered under that name), or a list of specs, each one of:
+
+        - a plugin object: an instance (or a module) with hook methods;
+        - an installed plugin name (entry point of the ``hookloop`` group);
+        - a ``(name, options)`` pair, as a tuple or a list (as JSON and YAML deliver
+          it): ``options`` is a mapping of keyword arguments or ``None``; given a
+          plugin object instead, the object is registered under ``name``;
+        - a mapping of name to options (a YAML list item ``{checkpoint: {...}}``).
+
+        The reserved option ``hookloop_name`` names an instance, so one plugin can be
+        configured twice. Anything else raises :class:`PluginError` naming the spec and
+        its position, before anything of that spec is registered.
+        """
         if plugins is None:
             return []
-        items = list(plugins.items()) if isinstance(plugins, Mapping) else list(plugins)
         names = []
-        for item in items:
-            if isinstance(item, str):
-                names.append(self.load(item))
-            elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
-                spec, value = item
-                if value is None or isinstance(value, Mapping):
-                    names.append(self.load(spec, value))
-                else:  # a chosen name for a plugin object
-                    names.append(self.register(value, spec))
-            else:
-                names.append(self.register(item))
+        for label, spec in _spec_items(plugins):
+            try:
+                names.append(self._add_one(spec))
+            except PluginError as exc:
+                raise PluginError(f"{label} = {_short(spec)}: {exc}") from exc.__cause__
         return names
+
+    def _add_one(self, spec: Any) -> str:
+        if isinstance(spec, str):
+            return self.load(spec)
+        if isinstance(spec, (tuple, list)):
+            if len(spec) != 2:
+                raise PluginError(
+                    f"a {type(spec).__name__} of {len(spec)} item(s) is not a plugin spec; a pair "
+                    f"is (name, options) with options a mapping. Accepted: {SPEC_FORMS}"
+                )
+            name, value = spec
+            if not isinstance(name, str):
+                raise PluginError(
+                    f"the first item of a (name, options) pair must be a plugin name (a string); "
+                    f"got {type(name).__name__} {_short(name)}. Accepted: {SPEC_FORMS}"
+                )
+            if value is None or isinstance(value, Mapping):
+                return self.load(name, value)
+            if _not_a_plugin(value):
+                raise PluginError(
+                    f"the options of {name!r} must be a mapping of keyword arguments (or None); "
+                    f"got {type(value).__name__} {_short(value)}"
+                )
+            return self.register(value, name)  # a chosen name for a plugin object
+        return self.register(spec)
 
     def _register(
         self, plugin: Any, name: str | None, on_error: str | None, max_failures: int | None,
         aka: Iterable[str],
     ) -> str:
-        if plugin is None:
-            raise PluginError("cannot register None as a plugin")
+        _check_plugin_object(plugin)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise PluginError(f"a plugin name must be a non-empty string; got {name!r}")
         if self.is_registered(plugin):
             raise PluginError(
-                f"plugin object {plugin!r} is already registered as {self.get_name(plugin)!r}"
+                f"plugin object {plugin!r} is already registered as {self.get_name(plugin)!r}: "
+                "one instance is registered once (it was given twice); to run two of one kind, "
+                "build a second instance"
             )
         base = base_name(plugin)
         if name is not None:
@@ -274,12 +325,23 @@ class PluginManager(pluggy.PluginManager):
         found: dict[str, str] = {}
         argnames: dict[str, tuple[str, ...]] = {}
         label = plugin.__name__ if inspect.ismodule(plugin) else type(plugin).__name__
+        not_hooks = _not_hooks(plugin, plugin_name)
         for attr in dir(plugin):
             try:
                 opts = self.parse_hookimpl_opts(plugin, attr)
             except Exception:
                 continue
             if opts is None:
+                if attr.startswith("on_") and attr not in not_hooks and attr not in HOOK_NAMES \
+                        and attr not in ALIASES and _is_function(plugin, attr):
+                    close = did_you_mean(attr, [*HOOK_NAMES, *ALIASES], n=1)
+                    hint = f"did you mean {close[0]!r}? " if close else ""
+                    raise PluginError(
+                        f"plugin {plugin_name!r}: method {label}.{attr} looks like a hook, but no "
+                        f"hook is named {attr!r}; {hint}(known hooks: {', '.join(HOOK_NAMES)}; "
+                        f"aliases: {', '.join(ALIASES)}). If it is not meant as a hook, list it in "
+                        f"the attribute {NOT_HOOKS_ATTRIBUTE} = ({attr!r},)"
+                    )
                 continue
             hook = opts.get("specname") or attr
             if hook not in HOOK_NAMES:
@@ -321,6 +383,7 @@ class PluginManager(pluggy.PluginManager):
             self._aka.pop(key, None)
             self._policies.pop(key, None)
             self._origin.pop(key, None)
+            self._options.pop(key, None)
             self.given_names.discard(key)
             for hook_key in [h for h in self._argnames if h[0] == key]:
                 del self._argnames[hook_key]
@@ -340,14 +403,20 @@ class PluginManager(pluggy.PluginManager):
         already registered from the same entry point builds nothing and returns it
         (an error when other options are given, as they would be ignored).
         """
+        if not isinstance(spec, str) or not spec:
+            raise PluginError(f"an installed plugin name must be a non-empty string; got {spec!r}")
+        if options is not None and not isinstance(options, Mapping):
+            raise PluginError(
+                f"the options of {spec!r} must be a mapping of keyword arguments (or None); "
+                f"got {type(options).__name__} {_short(options)}"
+            )
+        bad_keys = [k for k in (options or {}) if not isinstance(k, str)]
+        if bad_keys:
+            raise PluginError(f"the options of {spec!r} must have string keys; got {bad_keys!r}")
         found = available_plugins()
         entry = found.get(spec)
         if entry is None:
-            names = ", ".join(sorted(found)) or "none installed"
-            raise PluginError(
-                f"no hookloop plugin named {spec!r} is installed (available: {names}); "
-                f"install its distribution, e.g. pip install hookloop-{spec.replace('_', '')}"
-            )
+            raise PluginError(missing_plugin_message(spec, found))
         if entry.blocked:
             raise PluginError(f"plugin {spec!r} is blocked ({entry.blocked})")
         if entry.error:
@@ -360,14 +429,20 @@ class PluginManager(pluggy.PluginManager):
                 f"plugin {spec!r}: option {NAME_OPTION}={explicit!r} must be a non-empty string")
         target = explicit or spec
         if self.get_plugin(target) is not None:  # already enabled: build nothing new
-            if explicit is not None and self._origin.get(target) != spec:
+            if self._origin.get(target) != spec:
                 raise PluginError(
                     f"cannot load plugin {spec!r} as {target!r}: that name is taken by "
-                    f"{self.get_plugin(target)!r}"
+                    f"{self.get_plugin(target)!r}; give this one another name with the option "
+                    f"{NAME_OPTION}"
                 )
-            if kwargs:
-                raise PluginError(f"plugin {target!r} is already registered; options {kwargs} "
-                                  "would be ignored")
+            earlier = self._options.get(target, {})
+            if kwargs and kwargs != earlier:
+                raise PluginError(
+                    f"plugin {target!r} is already registered; options {kwargs} would be ignored: "
+                    f"it was loaded from {spec!r} with options {earlier}. One name cannot have two "
+                    f"sets of options; to run both, give this one its own name with the option "
+                    f"{NAME_OPTION} (e.g. {{{NAME_OPTION!r}: {target + '_2'!r}}})"
+                )
             return target
         if inspect.ismodule(obj) or not callable(obj):
             if kwargs:
@@ -377,11 +452,14 @@ class PluginManager(pluggy.PluginManager):
             try:
                 plugin = obj(**kwargs)
             except TypeError as exc:
-                raise PluginError(f"plugin {spec!r}: bad options {kwargs}: {exc}") from exc
+                raise PluginError(
+                    f"plugin {spec!r}: bad options {kwargs}: {exc} (it takes {_signature(obj)})"
+                ) from exc
         if self.is_registered(plugin):  # an always-on module registered by autoload
             return self.get_name(plugin) or spec
         registered = self._register(plugin, target, None, None, (spec,))
         self._origin[registered] = spec
+        self._options[registered] = kwargs
         if explicit is not None:
             self.given_names.add(registered)
         return registered
@@ -545,6 +623,125 @@ class PluginManager(pluggy.PluginManager):
             p.hooks_failed.clear()
         if changed:
             self.recompile()
+
+
+def _spec_items(plugins: Any) -> list[tuple[str, Any]]:
+    """``plugins`` as (position label, spec) pairs; refuses what is not a collection of
+    specs (a bare string, a single pair, a single object)."""
+    if isinstance(plugins, (str, bytes)):
+        raise PluginError(
+            f"plugins={plugins!r} is a single string, which would be read letter by letter; "
+            f"give a list of specs: plugins=[{plugins!r}]"
+        )
+    if isinstance(plugins, Mapping):
+        return [(f"plugins[{k!r}]", _mapping_pair(k, v)) for k, v in plugins.items()]
+    if (isinstance(plugins, tuple) and len(plugins) == 2 and isinstance(plugins[0], str)
+            and (plugins[1] is None or isinstance(plugins[1], Mapping))):
+        raise PluginError(
+            f"plugins={_short(plugins)} is one (name, options) pair; give a list of specs: "
+            f"plugins=[{_short(plugins)}]"
+        )
+    if inspect.isclass(plugins) or not isinstance(plugins, Iterable):
+        raise PluginError(
+            f"plugins={_short(plugins)} ({type(plugins).__name__}) is not a list of plugin specs; "
+            f"give a list (plugins=[...]) whose items are each {SPEC_FORMS}"
+        )
+    items: list[tuple[str, Any]] = []
+    for i, item in enumerate(plugins):
+        if isinstance(item, Mapping):  # {name: options} as a list item, as YAML writes it
+            items.extend((f"plugins[{i}][{k!r}]", _mapping_pair(k, v)) for k, v in item.items())
+        else:
+            items.append((f"plugins[{i}]", item))
+    return items
+
+
+def _mapping_pair(key: Any, value: Any) -> tuple[Any, Any]:
+    if not isinstance(key, str):
+        raise PluginError(
+            f"plugins mapping key {key!r} ({type(key).__name__}) is not a plugin name; the keys "
+            "of a plugins mapping are installed plugin names (or names for plugin objects)"
+        )
+    return (key, value)
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _signature(obj: Any) -> str:
+    try:
+        return f"{getattr(obj, '__name__', 'it')}{inspect.signature(obj)}"
+    except (TypeError, ValueError):
+        return "keyword arguments its documentation lists"
+
+
+def _not_a_plugin(value: Any) -> str | None:
+    """Why ``value`` cannot be a plugin object, or ``None`` when it may be one."""
+    if value is None:
+        return "None is not a plugin"
+    if isinstance(value, (bool, int, float, complex)):
+        return f"a number ({type(value).__name__} {value!r}) is not a plugin"
+    if isinstance(value, (str, bytes)):
+        return (f"a string ({value!r}) is not a plugin object; load an installed plugin by "
+                "name with PluginManager.load(name) or Loop(plugins=[name])")
+    if isinstance(value, (tuple, list, set, frozenset, Mapping)):
+        return (f"a {type(value).__name__} ({_short(value)}) is not a plugin object; a list of "
+                "specs goes to PluginManager.add or Loop(plugins=...)")
+    if inspect.isfunction(value) or inspect.isbuiltin(value) or inspect.ismethod(value):
+        return (f"a function ({getattr(value, '__qualname__', value)!r}) is not a plugin; a "
+                "plugin is an object or module whose methods are named after hooks, e.g. "
+                "def on_train_batch_end(self, loop, outputs)")
+    return None
+
+
+def _check_plugin_object(plugin: Any) -> None:
+    why = _not_a_plugin(plugin)
+    if why is not None:
+        raise PluginError(f"{why}. Accepted plugin specs: {SPEC_FORMS}")
+    if inspect.isclass(plugin) and _needs_instance(plugin):
+        raise PluginError(
+            f"{plugin.__name__} is a class, not an instance: its hook methods need self. "
+            f"Pass an instance, {plugin.__name__}(...), or load it by its installed name"
+        )
+
+
+def _needs_instance(cls: type) -> bool:
+    """Whether a class given as a plugin has hook methods that need an instance, or no
+    hooks at all (then it was surely meant to be instantiated)."""
+    hooks = 0
+    for attr in dir(cls):
+        member = inspect.getattr_static(cls, attr, None)
+        marked = getattr(getattr(cls, attr, None), "hookloop_impl", None) is not None
+        if attr in HOOK_NAMES or attr in ALIASES or marked:
+            hooks += 1
+            if inspect.isfunction(member):
+                return True
+    return hooks == 0
+
+
+def _not_hooks(plugin: Any, plugin_name: str | None = None) -> frozenset[str]:
+    """The names in the plugin's ``hookloop_not_hooks`` attribute; a malformed value is
+    a PluginError when ``plugin_name`` is given (at registration), else ignored."""
+    value = getattr(plugin, NOT_HOOKS_ATTRIBUTE, ())
+    if isinstance(value, str):
+        value = (value,)
+    if isinstance(value, (tuple, list, set, frozenset)) and all(isinstance(n, str) for n in value):
+        return frozenset(value)
+    if plugin_name is not None:
+        raise PluginError(
+            f"plugin {plugin_name!r}: {NOT_HOOKS_ATTRIBUTE}={value!r}; expected a tuple of method "
+            "names (strings)"
+        )
+    return frozenset()
+
+
+def _is_function(plugin: Any, attr: str) -> bool:
+    try:
+        member = getattr(plugin, attr)
+    except Exception:
+        return False
+    return inspect.isfunction(member) or inspect.ismethod(member)
 
 
 def _log_failure(plugin_name: str, hook_name: str) -> Any:
