@@ -241,6 +241,14 @@ class Loop(LoggingAPI, StateAPI):
         step count decides when ranks meet for the metric reduction."""
         self.optim.skip = True
 
+    def rewrap_model(self) -> None:
+        """Wrap ``loop.module`` for the process group again, after the set of parameters
+        that require grad changed (freezing, unfreezing): DistributedDataParallel
+        registers only those when it wraps a model. Every rank must call it at the same
+        point (wrapping broadcasts rank 0's weights). A no-op when not distributed."""
+        if self._dist.active:
+            self.model = dist.wrap_model(self.module, self.device)
+
     def barrier(self) -> None:
         """Wait for every rank (no-op when not distributed)."""
         if self._dist.active:

@@ -131,3 +131,16 @@ def test_resume_restores_every_rank_identically_with_its_own_rng(core: Launch, w
         n = len(r["batches_after"])
         assert r["batches_after"] == r["ref_batches"][-n:]
     assert r0["step0"] == (7 if where == "mid_epoch" else 5)
+
+
+@pytest.mark.parametrize("how", ["with", "atexit"])
+def test_a_process_group_the_loop_created_is_destroyed_by_close(tmp_path, how: str) -> None:
+    """Loop.close (the end of a with block) destroys a group the loop made itself; a loop
+    left open is closed by the exit handler, so the process exits cleanly."""
+    run = torchrun("worker_owned.py", tmp_path, how)
+    assert run.returncode == 0, run.output[-8000:]
+    for rank in (0, 1):
+        assert (tmp_path / f"closed.rank{rank}").read_text() == "group up in on_close: True\n"
+    if how == "with":
+        for r in run.results("owned"):
+            assert r == {"world": 2, "inside": True, "after": False, "closed": True}
