@@ -215,7 +215,8 @@ def on_after_backward(loop: Loop) -> None:
 def on_before_optimizer_step(loop: Loop, optimizer: torch.optim.Optimizer) -> None:
     """Fires before each optimizer step, after gradients were unscaled and clipped.
     Does not fire on accumulation micro-batches. Call ``loop.skip_optimizer_step()`` to
-    skip this step (gradients are then zeroed).
+    skip this step (gradients are then zeroed, ``global_step`` does not advance, and the
+    default step does not log this batch's ``train/loss``).
 
     :param loop: the running loop.
     :param optimizer: the optimizer about to step.
