@@ -100,9 +100,14 @@ class MetricStore:
     def _sum_count(self, values: list[Any]) -> tuple[Any, int]:
         tensors = [v for v in values if isinstance(v, torch.Tensor)]
         total: Any = 0.0
-        if tensors:  # a value logged from another device is moved here
-            total = torch.stack([t.reshape(()).to(self._device, self._dtype, non_blocking=True)
-                                 for t in tensors]).sum()
+        if tensors:
+            first = tensors[0]
+            if all(t.ndim == 0 and t.dtype == first.dtype and t.device == first.device
+                   for t in tensors):  # the usual case: one stack, one cast
+                total = torch.stack(tensors).to(self._device, self._dtype).sum()
+            else:  # mixed shapes, dtypes or devices: each widened and moved here first
+                total = torch.stack([t.reshape(()).to(self._device, self._dtype, non_blocking=True)
+                                     for t in tensors]).sum()
         if len(tensors) != len(values):
             total = total + sum(v for v in values if not isinstance(v, torch.Tensor))
         return total, len(values)
