@@ -7,12 +7,13 @@ thread through a bounded queue, a failing backend never stops training, secrets 
 masked, and the run is finished with exit code 0 or 1.
 
 The ``wandb`` SDK is imported lazily, on the worker thread, the first time a run opens.
+W&B's own tooling reads an offline run back: ``wandb leet inspect --json RUN_DIR``
+prints its records, ``wandb sync --dry-run RUN_DIR`` what an upload would send.
 """
 
 from __future__ import annotations
 
-from hookloop_wandb.offline import OfflineRun, read_offline_run, read_records
 from hookloop_wandb.tracker import WandB
 
-__all__ = ["OfflineRun", "WandB", "read_offline_run", "read_records"]
-__version__ = "0.1.0"
+__all__ = ["WandB"]
+__version__ = "0.2.0"
