@@ -358,3 +358,82 @@ def test_resume_from_epoch_end_state_dict():
     assert fresh.state.stop_reason == full.state.stop_reason
     assert fresh_es.best_weights is not None
     assert _equal(full.module.state_dict(), fresh.module.state_dict())
+
+
+# ---------------------------------------------------------------------- defects fixed
+
+
+def test_patience_zero_stops_at_the_first_check_that_does_not_improve():
+    es = EarlyStopping("val/score", patience=0)
+    loop = scripted([3.0, 2.0, 1.0, 1.5, 0.5], es)
+    assert loop.state.epoch == 3 and es.stop_rule == "patience"
+    assert "did not improve for 1 check(s)" in loop.state.stop_reason
+    assert "for 0 check(s)" not in loop.state.stop_reason
+
+
+@pytest.mark.parametrize("bad", [NAN, math.inf, -math.inf])
+def test_nonfinite_stop_reason_says_non_finite(bad):
+    es = EarlyStopping("val/score", patience=5)
+    loop = scripted([1.0, bad, 0.5], es)
+    assert es.stop_rule == "non-finite" and loop.state.epoch == 1
+    assert "non-finite" in loop.state.stop_reason and f"val/score = {bad}" in loop.state.stop_reason
+
+
+def test_nonfinite_step_limit_is_not_reset_by_a_finite_validation():
+    # every batch is NaN: the steps are skipped, the weights stay finite and so does
+    # val/loss; the run of non-finite steps still reaches max_nonfinite across epochs
+    es = EarlyStopping("val/loss", patience=50, on_nonfinite="skip_batch", max_nonfinite=10)
+    loop = tiny_loop([es], train_data=nan_data(range(8)))
+    loop.fit(max_epochs=10)
+    assert es.stop_rule == "non-finite" and es.nonfinite_steps == 10
+    assert "10 optimizer steps in a row" in loop.state.stop_reason
+    assert loop.state.epoch == 1 and loop.state.global_step == 0
+
+
+class Logged:
+    """Every value ``on_log`` delivered, by name."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+
+    @hookimpl
+    def on_log(self, metrics, step):
+        for k, v in metrics.items():
+            self.values.setdefault(k, []).append(v)
+
+
+def test_skip_batch_keeps_the_skipped_loss_out_of_the_logged_loss():
+    # the core leaves the default step's train/loss of a skipped step unrecorded, so a
+    # monitor on the epoch loss sees only the steps that trained
+    logged = Logged()
+    es = EarlyStopping("train/loss_epoch", check_on="train_epoch", patience=50, on_nonfinite="skip_batch")
+    loop = tiny_loop([es, logged], train_data=nan_data([3, 5]))
+    loop.fit(max_epochs=3)
+    assert es.nonfinite_steps == 6
+    assert loop.state.stop_reason == "max_epochs", loop.state.stop_reason
+    assert all(math.isfinite(v) for v in logged.values["train/loss_epoch"])
+    assert all(math.isfinite(v) for v in logged.values["train/loss"])
+
+
+def test_rollback_from_a_safetensors_checkpoint(tmp_path):
+    pytest.importorskip("hookloop_checkpoint")
+    pytest.importorskip("safetensors")
+    from hookloop_checkpoint import Checkpoint, load_checkpoint
+
+    w = Weights()
+    saved: list[str] = []
+
+    class Saved:
+        @hookimpl
+        def on_checkpoint_saved(self, loop, path):
+            saved.append(str(path))
+
+    ckpt = Checkpoint(tmp_path, format="safetensors", top_k=-1, filename="e{epoch}", verbose=False,
+                      signals=())
+    es = EarlyStopping("val/score", patience=50, on_nonfinite="rollback", rollback_source="checkpoint")
+    loop = scripted([3.0, 2.0, NAN, 1.0], es, plugins=[w, ckpt, Saved()])
+    assert list(tmp_path.glob("*.safetensors"))
+    assert es.rollbacks == 1 and loop.state.stop_reason == "max_epochs"
+    epoch1 = load_checkpoint(tmp_path / "e1.pt")["model"]
+    assert _equal(epoch1, w.by_epoch[2])  # rolled back at epoch 2's check
+    assert not _equal(w.by_epoch[2], w.by_epoch[3])

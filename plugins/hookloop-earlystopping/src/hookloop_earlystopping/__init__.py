@@ -23,13 +23,17 @@ from hookloop.resume import state_key
 if TYPE_CHECKING:
     from hookloop.loop import Loop
 
-__all__ = ["EarlyStopping", "MonitorNotFoundError"]
+__all__ = ["EarlyStopping", "MonitorNotFoundError", "auto_mode"]
 
 __version__ = "0.1.0"
 
 log = logging.getLogger("hookloop.early_stopping")
 
-MODES = ("min", "max")
+MODES = ("min", "max", "auto")
+# mode="auto": a monitor whose name contains one of these is maximised, unless the
+# name also contains "loss" or "err"; every other monitor is minimised
+MAX_WORDS = ("acc", "accuracy", "auc", "f1", "precision", "recall")
+MIN_WORDS = ("loss", "err")
 CHECK_ON = ("validation", "train_epoch")
 NONFINITE = ("stop", "skip_batch", "rollback")
 ROLLBACK_SOURCES = ("memory", "checkpoint")
@@ -39,15 +43,43 @@ def _clone_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def auto_mode(monitor: str) -> str:
+    """The mode ``mode="auto"`` picks for ``monitor``: ``"max"`` when its name (lower
+    case) contains acc, accuracy, auc, f1, precision or recall and neither loss nor
+    err; ``"min"`` otherwise (losses, errors, anything else)."""
+    name = monitor.lower()
+    if any(w in name for w in MIN_WORDS):
+        return "min"
+    return "max" if any(w in name for w in MAX_WORDS) else "min"
+
+
+def _load_checkpoint_file(path: str, device: torch.device) -> Mapping[str, Any]:
+    """Read a checkpoint announced by ``on_checkpoint_saved``: through the checkpoint
+    plugin's public loader when it is installed (it reads every format it writes,
+    safetensors included, and verifies the manifest), else with ``torch.load``."""
+    try:
+        from hookloop_checkpoint import load_checkpoint
+    except ImportError:
+        return torch.load(path, map_location=device, weights_only=True)
+    return load_checkpoint(path, map_location=device)
+
+
 class EarlyStopping:
     """Stop training when ``monitor`` stops improving.
 
     :param monitor: metric name as logged, e.g. ``"val/loss"``, ``"val/acc"`` or
         ``"train/loss_epoch"``.
-    :param mode: ``"min"`` (lower is better) or ``"max"``.
+    :param mode: ``"min"`` (lower is better), ``"max"``, or ``"auto"``: ``"max"`` for
+        names containing acc, accuracy, auc, f1, precision or recall (and not loss or
+        err), else ``"min"`` (see :func:`auto_mode`; ``mode`` then holds the choice).
     :param patience: checks without improvement before stopping (a check is a
-        validation run, or an epoch end with ``check_on="train_epoch"``).
+        validation run, or an epoch end with ``check_on="train_epoch"``). ``0`` stops
+        at the first check that does not improve (as ``1`` does).
     :param min_delta: an improvement must beat the best score by more than this.
+    :param cumulative_delta: ``True`` (default, as Lightning and Keras): the best score
+        moves only on an improvement by more than ``min_delta``, so small gains add up
+        until they exceed it. ``False`` (Ignite's default): a smaller gain also becomes
+        the new reference, without counting as an improvement.
     :param check_finite: stop (or apply ``on_nonfinite``) when the monitor is NaN or
         infinite; with ``False`` a non-finite value counts as a check without
         improvement. NaN is never the best score either way.
@@ -58,9 +90,17 @@ class EarlyStopping:
         after ``patience`` checks that do not beat it.
     :param start_from_epoch: ignore checks of epochs before this (zero-based) epoch
         (warm-up).
+    :param min_epochs: never stop before this many epochs are complete; a rule that
+        fires earlier stops training once the minimum is reached, unless a later check
+        no longer fires it.
+    :param min_steps: never stop before this many optimizer steps; a rule that fired
+        earlier stops training right after the step that reaches it.
     :param restore_best_weights: keep a copy of the weights of the best check and load
         them into the model whenever training ends: stopped by this plugin, by another
         plugin, by ``max_epochs``/``max_steps``, or by an exception or a signal.
+    :param restore_below_baseline: with ``baseline`` and ``restore_best_weights``, also
+        keep the weights of the best check while no check beat the baseline, and
+        restore those when none ever does (Keras); by default nothing is restored then.
     :param check_on: ``"validation"`` checks after each validation run,
         ``"train_epoch"`` at each epoch end (for a training metric).
     :param on_nonfinite: what a non-finite value does: ``"stop"`` stops at the check;
@@ -101,6 +141,11 @@ class EarlyStopping:
         baseline: float | None = None,
         start_from_epoch: int = 0,
         restore_best_weights: bool = False,
+        *,
+        cumulative_delta: bool = True,
+        min_epochs: int = 0,
+        min_steps: int = 0,
+        restore_below_baseline: bool = False,
         check_on: str = "validation",
         on_nonfinite: str = "stop",
         rollback_source: str = "memory",
@@ -112,13 +157,16 @@ class EarlyStopping:
             raise ValueError(f"monitor must be a metric name; got {monitor!r}")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+        if mode == "auto":
+            mode = auto_mode(monitor)
         if check_on not in CHECK_ON:
             raise ValueError(f"check_on={check_on!r}; expected one of {CHECK_ON}")
         if on_nonfinite not in NONFINITE:
             raise ValueError(f"on_nonfinite={on_nonfinite!r}; expected one of {NONFINITE}")
         if rollback_source not in ROLLBACK_SOURCES:
             raise ValueError(f"rollback_source={rollback_source!r}; expected one of {ROLLBACK_SOURCES}")
-        for name, value in (("patience", patience), ("start_from_epoch", start_from_epoch)):
+        for name, value in (("patience", patience), ("start_from_epoch", start_from_epoch),
+                            ("min_epochs", min_epochs), ("min_steps", min_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int; got {value!r}")
         if isinstance(max_nonfinite, bool) or not isinstance(max_nonfinite, int) or max_nonfinite <= 0:
@@ -131,6 +179,13 @@ class EarlyStopping:
         self.mode = mode
         self.patience = patience
         self.min_delta = abs(float(min_delta))
+        self.cumulative_delta = bool(cumulative_delta)
+        self.min_epochs = min_epochs
+        self.min_steps = min_steps
+        self.restore_below_baseline = bool(restore_below_baseline)
+        if min_steps:
+            # a stop deferred by min_steps happens right after the step that reaches it
+            self.on_train_batch_end = self._deferred_stop_at_step
         self.check_finite = bool(check_finite)
         self.stopping_threshold = stopping_threshold
         self.divergence_threshold = divergence_threshold
@@ -175,8 +230,11 @@ class EarlyStopping:
         self.stop_rule: str | None = None
         self.stop_reason: str | None = None
         self.nonfinite_steps = 0
-        self.consecutive_nonfinite = 0
+        self.consecutive_nonfinite = 0  # non-finite optimizer steps in a row
+        self.consecutive_nonfinite_checks = 0  # non-finite checks in a row
         self.rollbacks = 0
+        self.pending_stop: tuple[str, str] | None = None  # (rule, text) held by min_*
+        self.below_best: float | None = None  # restore_below_baseline: best check seen
         self.best_weights: dict[str, torch.Tensor] | None = None
         self._last_good: dict[str, Any] | None = None
 
@@ -202,7 +260,10 @@ class EarlyStopping:
             "stop_reason": self.stop_reason,
             "nonfinite_steps": self.nonfinite_steps,
             "consecutive_nonfinite": self.consecutive_nonfinite,
+            "consecutive_nonfinite_checks": self.consecutive_nonfinite_checks,
             "rollbacks": self.rollbacks,
+            "pending_stop": list(self.pending_stop) if self.pending_stop else None,
+            "below_best": self.below_best,
             "best_weights": self.best_weights,
             "last_good": self._last_good,
             "checkpoint_path": self._checkpoint_path,
@@ -224,7 +285,12 @@ class EarlyStopping:
         self.stop_reason = state.get("stop_reason")
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
+        self.consecutive_nonfinite_checks = int(state.get("consecutive_nonfinite_checks", 0))
         self.rollbacks = int(state.get("rollbacks", 0))
+        pending = state.get("pending_stop")
+        self.pending_stop = (str(pending[0]), str(pending[1])) if pending else None
+        below = state.get("below_best")
+        self.below_best = float(below) if below is not None else None
         weights = state.get("best_weights")
         self.best_weights = dict(weights) if weights is not None else None
         self._last_good = copy.deepcopy(state.get("last_good"))
@@ -250,6 +316,19 @@ class EarlyStopping:
         """Check at the end of the epoch (``check_on="train_epoch"``)."""
         if self._fitting and self.check_on == "train_epoch":
             self._check(loop, metrics)
+        elif self._fitting and self.pending_stop is not None and self._minimum_reached(loop, epoch + 1):
+            self._stop(loop, *self.pending_stop)
+
+    def _deferred_stop_at_step(self, loop: Loop, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """``on_train_batch_end`` with ``min_steps``: a stop that the minimum held back
+        happens after the step that reaches it."""
+        state = loop.state
+        if (self.pending_stop is not None and self._fitting and state.stepped
+                and self._minimum_reached(loop, state.epoch) and not state.should_stop):
+            self._stop(loop, *self.pending_stop)
+
+    def _minimum_reached(self, loop: Loop, epochs_done: int) -> bool:
+        return epochs_done >= self.min_epochs and loop.state.global_step >= self.min_steps
 
     def _check_gradients(self, loop: Loop, optimizer: torch.optim.Optimizer) -> None:
         """``on_before_optimizer_step`` with ``on_nonfinite`` ``"skip_batch"`` or
@@ -300,10 +379,15 @@ class EarlyStopping:
     def _rollback_in_memory(self) -> bool:
         return self.on_nonfinite == "rollback" and self.rollback_source == "memory"
 
-    def _improved(self, value: float) -> bool:
+    def _improved(self, value: float, reference: float) -> bool:
+        """Whether ``value`` beats ``reference`` by more than ``min_delta``."""
         if self.mode == "min":
-            return value < self.best_score - self.min_delta
-        return value > self.best_score + self.min_delta
+            return value < reference - self.min_delta
+        return value > reference + self.min_delta
+
+    def _better(self, value: float, reference: float) -> bool:
+        """Whether ``value`` beats ``reference`` at all (NaN never does)."""
+        return value < reference if self.mode == "min" else value > reference
 
     def _check(self, loop: Loop, metrics: Mapping[str, float]) -> None:
         state = loop.state
@@ -322,16 +406,22 @@ class EarlyStopping:
         value = float(metrics[self.monitor])
         self.checks += 1
         m = self.monitor
-        if not math.isfinite(value):
+        finite = math.isfinite(value)
+        if not finite and self.check_finite:
             self.wait += 1
-            if self.check_finite:
-                if self.on_nonfinite == "rollback" and self.consecutive_nonfinite + 1 < self.max_nonfinite:
-                    self.consecutive_nonfinite += 1
-                    if self._rollback(loop, f"{m} = {value} at epoch {state.epoch}"):
-                        return
-                self._stop(loop, "non-finite", f"{m} = {value} at epoch {state.epoch}{self._best_text()}")
-                return
-        elif self._improved(value):
+            self.consecutive_nonfinite_checks += 1
+            count = self.consecutive_nonfinite_checks
+            if self.on_nonfinite == "rollback" and count < self.max_nonfinite:
+                if self._rollback(loop, f"{m} = {value} at epoch {state.epoch}"):
+                    return
+            in_a_row = f", {count} non-finite checks in a row" if count > 1 else ""
+            # never held back by min_epochs/min_steps: nothing useful trains on
+            self._stop(loop, "non-finite", f"non-finite monitor: {m} = {value} at epoch "
+                       f"{state.epoch}{in_a_row}{self._best_text()}")
+            return
+        if finite:
+            self.consecutive_nonfinite_checks = 0
+        if self._improved(value, self.best_score):
             self.best_score = value
             self.best_epoch = state.epoch
             self.best_step = state.global_step
@@ -339,26 +429,46 @@ class EarlyStopping:
             if self.restore_best_weights:
                 self.best_weights = _clone_state(loop.module)
         else:
+            if not self.cumulative_delta and self._better(value, self.best_score):
+                self.best_score = value  # Ignite: the reference moves, the wait goes on
             self.wait += 1
-        if math.isfinite(value):
-            self.consecutive_nonfinite = 0
+            self._keep_below_baseline(loop, value)
+        verdict: tuple[str, str] | None = None
+        if finite:
             if self._rollback_in_memory:
                 self._keep_last_good(loop)
             lower = self.mode == "min"
             t = self.stopping_threshold
-            if t is not None and (value <= t if lower else value >= t):
-                self._stop(loop, "stopping_threshold",
-                           f"threshold reached: {m} = {value:.6g} {'<=' if lower else '>='} {t}")
-                return
             d = self.divergence_threshold
-            if d is not None and (value > d if lower else value < d):
-                self._stop(loop, "divergence_threshold",
+            if t is not None and (value <= t if lower else value >= t):
+                verdict = ("stopping_threshold",
+                           f"threshold reached: {m} = {value:.6g} {'<=' if lower else '>='} {t}")
+            elif d is not None and (value > d if lower else value < d):
+                verdict = ("divergence_threshold",
                            f"diverged: {m} = {value:.6g} {'>' if lower else '<'} {d}{self._best_text()}")
-                return
-        if self.wait >= self.patience:
+        if verdict is None and self.wait > 0 and self.wait >= self.patience:
             delta = f" by more than {self.min_delta:g}" if self.min_delta else ""
-            self._stop(loop, "patience", f"patience exhausted: {m} did not improve{delta} for "
+            verdict = ("patience", f"patience exhausted: {m} did not improve{delta} for "
                        f"{self.wait} check(s){self._best_text()}")
+        self.pending_stop = None
+        if verdict is None:
+            return
+        if self._minimum_reached(loop, state.epoch + 1):
+            self._stop(loop, *verdict)
+            return
+        self.pending_stop = verdict
+        log.info("hookloop.early_stopping: %s; held back until min_epochs=%d and min_steps=%d "
+                 "are reached", verdict[1], self.min_epochs, self.min_steps)
+
+    def _keep_below_baseline(self, loop: Loop, value: float) -> None:
+        """``restore_below_baseline``: while no check beat the baseline, keep the weights
+        of the best check seen (Keras restores those when the baseline is never beaten)."""
+        if not (self.restore_below_baseline and self.restore_best_weights
+                and self.baseline is not None and self.best_epoch is None):
+            return
+        if self.below_best is None or self._better(value, self.below_best):
+            self.below_best = value
+            self.best_weights = _clone_state(loop.module)
 
     def _best_text(self) -> str:
         if self.best_epoch is None:
@@ -385,8 +495,12 @@ class EarlyStopping:
     def _restore_best(self, loop: Loop) -> None:
         if self.restore_best_weights and self.best_weights is not None:
             loop.module.load_state_dict(self.best_weights)
-            log.info("hookloop.early_stopping: restored the best weights (%s = %.6g at epoch %s)",
-                     self.monitor, self.best_score, self.best_epoch)
+            if self.best_epoch is None:
+                log.info("hookloop.early_stopping: baseline %s never beaten; restored the weights "
+                         "of the best check (%s = %.6g)", self.baseline, self.monitor, self.below_best)
+            else:
+                log.info("hookloop.early_stopping: restored the best weights (%s = %.6g at epoch %s)",
+                         self.monitor, self.best_score, self.best_epoch)
 
     def _keep_last_good(self, loop: Loop) -> None:
         self._last_good = {
@@ -403,7 +517,7 @@ class EarlyStopping:
         elif self._checkpoint_path is not None:
             source = self._checkpoint_path
             try:
-                snapshot = torch.load(self._checkpoint_path, map_location=loop.device, weights_only=True)
+                snapshot = _load_checkpoint_file(self._checkpoint_path, loop.device)
             except Exception as exc:
                 log.warning("hookloop.early_stopping: cannot read %s for rollback: %r",
                             self._checkpoint_path, exc)
