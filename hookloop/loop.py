@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from hookloop import _distributed as dist
-from hookloop import resume
+from hookloop import _inputs, resume
 from hookloop._devices import model_device, to_device
 from hookloop.metrics import LoggingAPI, MetricStore
 from hookloop.optim import Optimization, as_list
@@ -133,6 +133,10 @@ class Loop(LoggingAPI, StateAPI):
         for name, value in (("grad_clip_norm", grad_clip_norm), ("grad_clip_value", grad_clip_value)):
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"{name} must be a positive number; got {value!r}")
+        _inputs.check_callables(loss_fn=loss_fn, step_fn=step_fn, val_step_fn=val_step_fn)
+        _inputs.check_val_metrics(val_metrics)
+        _inputs.check_data("train_data", train_data)
+        _inputs.check_data("val_data", val_data)
 
         self.state = LoopState()
         self.pm = PluginManager()
@@ -170,6 +174,11 @@ class Loop(LoggingAPI, StateAPI):
             self.pm.set_rank(self._dist.rank)
 
         self.plugin_failures: list[str] = []
+        self._phase = "idle"  # "fit" from fit's start to on_fit_end, "ended" in on_fit_end
+        self._in_epoch = False  # from on_train_epoch_start to the epoch's last batch
+        self._in_batches = False  # while the epoch's batches run
+        self._batches_seen = 0  # batches train_data yielded, counted at each epoch's end
+        self._warned_exhausted = False
         self._stop_epoch = False
         self._stop_agreed = False  # DDP: a stop every rank agreed on (see _agree_stop)
         self._rng_epoch_start: dict[str, Any] | None = None
@@ -222,23 +231,69 @@ class Loop(LoggingAPI, StateAPI):
     def request_stop(self, reason: str) -> None:
         """Stop training after the current batch; ``reason`` is kept in
         ``state.stop_reason`` and reported. Under DDP the decision is agreed across
-        ranks at the next reduction point (log interval or epoch end)."""
+        ranks at the next reduction point (log interval or epoch end).
+
+        Where it may be called, and its effect: during a batch (the batch hooks, the step
+        function), the fit stops after that batch; in ``on_train_epoch_start``, the
+        epoch runs no batch and ends (its validation and ``on_train_epoch_end`` still
+        run); during the epoch-end validation or in ``on_train_epoch_end``, no further
+        epoch starts; in ``on_resume`` or ``on_fit_start``, no epoch starts (under DDP:
+        at the first reduction point). The first reason given wins. Outside ``fit``
+        and in ``on_fit_end`` there is nothing left to stop: a RuntimeError. Every
+        ``fit`` starts with the stop flag cleared.
+        """
+        if self._phase != "fit":
+            where = "in on_fit_end, after the fit ended" if self._phase == "ended" else "outside fit"
+            raise RuntimeError(
+                f"loop.request_stop({reason!r}) called {where}: there is no training left to stop "
+                f"(stop_reason: {self.state.stop_reason!r}), and a fit clears the stop flag when "
+                "it starts. Call it from a hook during fit, up to on_train_epoch_end"
+            )
         if not self.state.should_stop:
             self.state.should_stop = True
             self.state.stop_reason = str(reason)
             log.info("hookloop: stop requested: %s", reason)
 
     def stop_epoch(self) -> None:
-        """End the current epoch after the current batch (validation still runs). Under
-        DDP, like :meth:`request_stop`, every rank ends the epoch at the next reduction
-        point (log interval or epoch end), at the same batch."""
+        """End the current training epoch after the current batch; its validation and
+        ``on_train_epoch_end`` still run, then the next epoch starts. From
+        ``on_train_batch_start`` the epoch ends before that batch; from
+        ``on_train_epoch_start`` it runs no batch. Under DDP, like :meth:`request_stop`,
+        every rank ends the epoch at the next reduction point (log interval or epoch
+        end), at the same batch. The flag is cleared when an epoch starts.
+
+        Only while a training epoch runs (``on_train_epoch_start`` to
+        ``on_train_batch_end``): called during validation, in ``on_train_epoch_end``,
+        ``on_fit_start``, ``on_fit_end`` or outside fit it raises RuntimeError, as the
+        epoch it would end is over (use :meth:`request_stop` to stop training)."""
+        if not (self._in_epoch and self.state.stage == "train"):
+            raise RuntimeError(
+                f"loop.stop_epoch() called {_inputs.where(self)}: no training epoch is running, so "
+                "there is no epoch to end. Call it from on_train_epoch_start, "
+                "on_train_batch_start, the step function or on_train_batch_end; to stop "
+                "training, call loop.request_stop(reason)"
+            )
         self._stop_epoch = True
 
     def skip_optimizer_step(self) -> None:
-        """Skip the optimizer step of the current batch (call from
-        ``on_before_optimizer_step`` or earlier); gradients are zeroed. Under DDP the
-        decision must be the same on every rank (base it on reduced values), since the
-        step count decides when ranks meet for the metric reduction."""
+        """Skip the optimizer step of the current batch; gradients are zeroed. With
+        gradient accumulation it skips the step that ends the current accumulation
+        window; in manual optimisation, every ``loop.optimizer_step`` of the current
+        batch. Call it during a batch, before its step: from ``on_train_batch_start``,
+        the step function, ``on_before_backward``, ``on_after_backward`` or
+        ``on_before_optimizer_step``. Anywhere else (``on_train_batch_end``, whose step
+        already ran, epoch hooks, validation, outside fit) it raises RuntimeError; it
+        never carries over to a later batch, epoch or fit. Under DDP the decision must
+        be the same on every rank (base it on reduced values), since the step count
+        decides when ranks meet for the metric reduction."""
+        state = self.state
+        if not (self._in_batches and state.stage == "train" and state.batch_idx == state.epoch_batches_done):
+            raise RuntimeError(
+                f"loop.skip_optimizer_step() called {_inputs.where(self)}: no optimizer step is "
+                "pending. Call it during a batch, before its step: from on_train_batch_start, "
+                "the step function, on_before_backward, on_after_backward or "
+                "on_before_optimizer_step"
+            )
         self.optim.skip = True
 
     def rewrap_model(self) -> None:
@@ -389,13 +444,21 @@ class Loop(LoggingAPI, StateAPI):
             )
         _positive_int("max_epochs", max_epochs, allow_none=True)
         _positive_int("max_steps", max_steps, allow_none=True)
+        if self._phase != "idle":
+            raise RuntimeError("Loop.fit called while this loop is fitting (from a hook); "
+                               "a loop runs one fit at a time")
+        _inputs.check_resume(resume)
         if self.train_data is None:
             raise ValueError("Loop.fit needs train_data")
+        _inputs.check_not_empty(self.train_data)
         if not self.optimizers and not self.manual_optimization:
             raise ValueError("Loop.fit needs an optimizer (or manual_optimization=True)")
         state = self.state
         state.max_epochs, state.max_steps = max_epochs, max_steps
         state.should_stop, state.stop_reason = False, None
+        self._stop_epoch = self._stop_agreed = False
+        self.optim.skip = False
+        self._phase = "fit"
         self.pm.reset_run_state()
         try:
             if resume is None:
@@ -408,6 +471,7 @@ class Loop(LoggingAPI, StateAPI):
                 h(self)
             self._run_epochs()
             state.stage = "idle"
+            self._phase = "ended"
             h = self.callers.on_fit_end
             if h is not None:
                 h(self)
@@ -420,6 +484,8 @@ class Loop(LoggingAPI, StateAPI):
             raise
         finally:
             state.stage = "idle"
+            self._phase = "idle"
+            self._in_epoch = self._in_batches = False
             self._report_failures()
         return state
 
@@ -436,7 +502,8 @@ class Loop(LoggingAPI, StateAPI):
             if state.max_steps is not None and state.global_step >= state.max_steps:
                 state.stop_reason = state.stop_reason or "max_steps"
                 return
-            self._train_epoch()
+            if not self._train_epoch():  # a stop before the epoch, or no data left
+                return
             metrics = self.metrics.reduce_epoch()  # under DDP this also agrees on should_stop
             last = (state.max_epochs is not None and state.epoch + 1 >= state.max_epochs) or (
                 state.max_steps is not None and state.global_step >= state.max_steps
@@ -467,6 +534,7 @@ class Loop(LoggingAPI, StateAPI):
         self.model.train()
         self._stop_epoch = False
         self._stop_agreed = False
+        self._in_epoch = True
         data = self.train_data
         dist.set_epoch(data, state.epoch)
         try:
@@ -477,6 +545,14 @@ class Loop(LoggingAPI, StateAPI):
         h = self.callers.on_train_epoch_start
         if h is not None:
             h(self, state.epoch)
+        if (self._stop_epoch or state.should_stop) and not self._dist.active:
+            # stopped in on_train_epoch_start: the epoch runs no batch
+            if self._resume_rng is not None:
+                resume.set_rng(self._resume_rng)
+                self._resume_rng = None
+            if self.metrics.undelivered is not None:
+                self.metrics.deliver()
+            return iter(())
         if skip and self._rng_epoch_start is not None:
             # resume mid-epoch: replay the epoch's shuffle, then continue with the
             # RNG state of the moment the checkpoint was taken
@@ -485,8 +561,9 @@ class Loop(LoggingAPI, StateAPI):
         self._rng_epoch_start = resume.get_rng()
         self._loader_state = resume.get_loader_state(data)
         it = iter(data)  # type: ignore[arg-type]
-        for _ in range(skip):
-            next(it)
+        for done in range(skip):
+            if next(it, _inputs.END) is _inputs.END:
+                raise _inputs.short_resume_error(done, skip, state.epoch)
         if skip and self._resume_rng is not None:
             resume.set_rng(self._resume_rng)
         self._resume_rng = None
@@ -494,8 +571,12 @@ class Loop(LoggingAPI, StateAPI):
             self.metrics.deliver()
         return it
 
-    def _train_epoch(self) -> None:
+    def _train_epoch(self) -> bool:
+        """Run one training epoch; False when no epoch ran (a stop requested before it,
+        or train_data exhausted), so the epoch's end must not run either."""
         state = self.state
+        if state.should_stop and not self._dist.active:  # requested in on_resume/on_fit_start
+            return False
         it = self._start_epoch()
         distributed = self._dist.active
         callers = self.callers
@@ -503,8 +584,9 @@ class Loop(LoggingAPI, StateAPI):
         device = self.device
         move = device.type != "cpu"
         log_every = self.log_every_n_steps
-        batch_idx = state.epoch_batches_done
+        batch_idx = first = state.epoch_batches_done
         train_step = self._train_step
+        self._in_batches = True
         for batch in it:
             if move:
                 batch = to_device(batch, device)
@@ -531,8 +613,29 @@ class Loop(LoggingAPI, StateAPI):
             if state.max_steps is not None and state.global_step >= state.max_steps:
                 break
         state.outputs = None
+        self._in_epoch = self._in_batches = False
         if self.optim.accumulated and not self.manual_optimization:
             self.optim.drop_partial_window(state.epoch)
+        self.optim.skip = False  # a skip never carries over to the next epoch
+        if batch_idx == first == 0 and not (state.should_stop or self._stop_epoch or self._stop_agreed):
+            return self._no_batches()
+        self._batches_seen += batch_idx - first
+        return True
+
+    def _no_batches(self) -> bool:
+        """An epoch whose data yielded nothing: an error when train_data never yielded a
+        batch; else (an exhausted iterator) a warning, once, and a stop."""
+        state = self.state
+        if self._batches_seen == 0:
+            raise _inputs.no_batches_error(self.train_data, state.epoch)
+        state.should_stop = True
+        state.stop_reason = "train_data exhausted"
+        if not self._warned_exhausted:
+            self._warned_exhausted = True
+            warnings.warn(_inputs.exhausted_text(self.train_data, state.epoch, self._batches_seen),
+                          RuntimeWarning, stacklevel=4)
+        log.warning("hookloop: train_data exhausted in epoch %d; stopping", state.epoch)
+        return False
 
     # ------------------------------------------------------------------ validation
 
