@@ -23,7 +23,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,8 @@ from hookloop.plugins import hookimpl
 if TYPE_CHECKING:
     from hookloop.loop import Loop
 
-__all__ = ["Freeze", "GradualUnfreeze", "ModuleSpec", "freeze_modules", "resolve_modules"]
+__all__ = ["Freeze", "GradualUnfreeze", "LrGrowth", "ModuleSpec", "freeze_modules", "named_modules",
+           "named_parameters", "resolve_modules"]
 
 __version__ = "0.1.0"
 
@@ -47,13 +48,50 @@ of ``model.named_modules()`` (``"backbone.*.bn*"``), or the module object itself
 
 _NORM = nn.modules.batchnorm._NormBase  # BatchNorm*, SyncBatchNorm, InstanceNorm*
 _GLOB = set("*?[")
+_COMPILED = "_orig_mod"  # the attribute torch.compile's OptimizedModule keeps the model in
+
+LrGrowth = float | Callable[[int], float]
+"""How an unfrozen group's learning rate grows at each epoch start: a factor, or
+``fn(epoch) -> factor`` of the zero-based epoch starting."""
+
+
+def _canonical(name: str) -> str:
+    """``name`` without the ``_orig_mod`` parts that ``torch.compile`` adds, so a
+    compiled model (or a compiled submodule) is addressed as the plain one."""
+    if _COMPILED not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part != _COMPILED)
+
+
+def named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``model.named_modules()`` by canonical name (``torch.compile``'s ``_orig_mod``
+    parts removed; the compiled wrapper and its model share a name, the model wins)."""
+    return {_canonical(n): m for n, m in model.named_modules()}
+
+
+def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``model.named_parameters()`` by canonical name (see :func:`named_modules`)."""
+    return {_canonical(n): p for n, p in model.named_parameters()}
+
+
+def _sharded(model: nn.Module) -> str | None:
+    """The name of a module of ``model`` sharded by FSDP (1 or 2), or ``None``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        kinds: tuple[type, ...] = (FSDPModule, FullyShardedDataParallel)
+    except ImportError:  # a torch without FSDP2
+        kinds = ()
+    for name, module in model.named_modules():
+        if (kinds and isinstance(module, kinds)) or type(module).__name__ == "FullyShardedDataParallel":
+            return name or "<the model>"
+    return None
 
 
 def resolve_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> list[str]:
-    """Names (as in ``model.named_modules()``) of the modules that ``specs`` select,
-    in model order. Raises ``ValueError`` listing the available names when a spec
-    selects nothing."""
-    named = dict(model.named_modules())
+    """Names (as in ``model.named_modules()``, without the ``_orig_mod.`` parts of a
+    ``torch.compile``d model) of the modules that ``specs`` select, in model order.
+    Raises ``ValueError`` listing the available names when a spec selects nothing."""
+    named = named_modules(model)
     by_id = {id(m): n for n, m in named.items()}
     chosen: set[str] = set()
     for spec in specs:
@@ -63,6 +101,7 @@ def resolve_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> list[str]:
                 raise ValueError(f"module {type(spec).__name__} is not part of the model")
             chosen.add(name)
         elif isinstance(spec, str):
+            spec = _canonical(spec)
             if spec in named:
                 chosen.add(spec)
                 continue
@@ -84,9 +123,10 @@ def freeze_modules(model: nn.Module, specs: Iterable[ModuleSpec], *, train_bn: b
     ``train_bn``). Returns the number of parameters frozen. Handy before building an
     optimizer from ``filter(lambda p: p.requires_grad, model.parameters())``."""
     names = resolve_modules(model, specs)
+    modules = named_modules(model)
     count = 0
     for name in names:
-        for module in model.get_submodule(name).modules():
+        for module in modules[name].modules():
             if train_bn and isinstance(module, _NORM):
                 continue
             if isinstance(module, _NORM):
@@ -104,14 +144,21 @@ class _Group:
     at_epoch: int | None
     at_step: int | None
     lr_scale: float
+    lr: float | None = None  # an absolute learning rate instead of lr_scale
 
 
-def _check_scale(value: Any) -> float:
+def _check_scale(value: Any, name: str = "lr_scale") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
         math.isfinite(value) and value > 0
     ):
-        raise ValueError(f"lr_scale must be a positive number; got {value!r}")
+        raise ValueError(f"{name} must be a positive number; got {value!r}")
     return float(value)
+
+
+def _check_growth(value: Any) -> LrGrowth | None:
+    if value is None or callable(value):
+        return value
+    return _check_scale(value, "lr_growth")
 
 
 def _check_at(name: str, value: Any) -> int | None:
@@ -140,11 +187,17 @@ class _Schedule:
     # own state is restored: the core checks the group layout when it is applied
     hookloop_changes_param_groups = True
 
-    def __init__(self, groups: list[_Group], *, train_bn: bool, optimizer_idx: int) -> None:
+    def __init__(self, groups: list[_Group], *, train_bn: bool, optimizer_idx: int,
+                 lr_growth: LrGrowth | None = None, align_with_head: bool = False) -> None:
         if isinstance(optimizer_idx, bool) or not isinstance(optimizer_idx, int) or optimizer_idx < 0:
             raise ValueError(f"optimizer_idx must be a non-negative int; got {optimizer_idx!r}")
         self._groups = groups
         self.train_bn = bool(train_bn)
+        self.lr_growth = _check_growth(lr_growth)
+        self.align_with_head = bool(align_with_head)
+        # per grown group: (its optimizer param group, the learning rate set last)
+        self._grown: dict[int, tuple[int, float]] = {}
+        self._grown_epoch = -1  # the last epoch whose start grew the learning rates
         self.optimizer_idx = optimizer_idx
         self._unfrozen = [False] * len(groups)
         self._added: list[dict[str, Any]] = []
@@ -172,13 +225,22 @@ class _Schedule:
             return
         self._loop = loop
         model = loop.module
-        named_params = list(model.named_parameters())
+        sharded = _sharded(model)
+        if sharded is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__}: module {sharded!r} of the model is sharded with FSDP; "
+                "freezing or unfreezing a sharded model is not supported (FSDP holds flat or "
+                "distributed parameters, and requires_grad must be uniform within a sharded unit). "
+                "Freeze with hookloop_freeze.freeze_modules before sharding, or train with DDP"
+            )
+        named_params = list(named_parameters(model).items())
+        modules = named_modules(model)
         owner: dict[int, int] = {}
         norms: list[list[nn.Module]] = [[] for _ in self._groups]
         seen_norms: set[int] = set()
         for k, group in enumerate(self._groups):
             for name in resolve_modules(model, group.specs):
-                for module in model.get_submodule(name).modules():
+                for module in modules[name].modules():
                     is_norm = isinstance(module, _NORM)
                     if is_norm and self.train_bn:
                         continue  # trainable: parameters stay as they are, train mode
@@ -199,13 +261,18 @@ class _Schedule:
     # ------------------------------------------------------------------ applying
 
     def _apply(self, loop: Loop) -> None:
-        """Make ``requires_grad`` and normalisation modes match the schedule's state."""
-        params = dict(loop.module.named_parameters())
+        """Make ``requires_grad`` and normalisation modes match the schedule's state. When
+        that changes which parameters train, the model is wrapped again for DDP
+        (``loop.rewrap_model()``), which registers only those: every rank does this at
+        the same point, since the schedule is the same on every rank."""
+        params = named_parameters(loop.module)
         frozen_norms: list[nn.Module] = []
+        changed = False
         for k, names in enumerate(self._params):
             trainable = self._unfrozen[k]
             for n in names:
                 p = params[n]
+                changed = changed or p.requires_grad != trainable
                 p.requires_grad_(trainable)
                 if not trainable:
                     p.grad = None
@@ -216,6 +283,8 @@ class _Schedule:
         self._step_pending = any(
             g.at_step is not None and not self._unfrozen[k] for k, g in enumerate(self._groups)
         )
+        if changed:
+            loop.rewrap_model()
 
     def _norms_to_eval(self) -> None:
         for m in self._frozen_norms:
@@ -227,7 +296,11 @@ class _Schedule:
         self._apply(loop)
         for m in self._norms[k]:
             m.train(loop.module.training)
-        added = self._add_to_optimizer(loop, k, self._params[k], self._groups[k].lr_scale)
+        group = self._groups[k]
+        added = self._add_to_optimizer(loop, k, self._params[k], group.lr_scale, lr=group.lr)
+        if added is not None and self.lr_growth is not None:
+            self._grown[k] = (len(loop.optimizers[self.optimizer_idx].param_groups) - 1, added)
+            self._grown_epoch = max(self._grown_epoch, loop.state.epoch)  # grows from the next epoch
         state = loop.state
         where = f"epoch {state.epoch}, step {state.global_step}"
         if added is not None:
@@ -238,18 +311,25 @@ class _Schedule:
                      "parameters; their learning rate is unchanged)", k, where)
 
     def _add_to_optimizer(self, loop: Loop, k: int, names: list[str], scale: float,
-                          record: bool = True) -> float | None:
+                          record: bool = True, lr: float | None = None) -> float | None:
+        """Add the parameters of ``names`` the optimizer does not hold as a new param
+        group: learning rate ``lr``, else the first group's times ``scale``. Returns the
+        new group's learning rate (``None`` when nothing was added)."""
         if not loop.optimizers or not names:
             return None
         opt = loop.optimizers[self.optimizer_idx]
         held = {id(p) for g in opt.param_groups for p in g["params"]}
-        params = dict(loop.module.named_parameters())
+        params = named_parameters(loop.module)
         missing = [n for n in names if id(params[n]) not in held]
         if not missing:
             return None
         ref = opt.param_groups[0]
         before = len(opt.param_groups)
-        group: dict[str, Any] = {"params": [params[n] for n in missing], "lr": ref["lr"] * scale}
+        if lr is not None:
+            # the scale the schedulers' per-group values (base_lrs, max_lrs...) get
+            scale = lr / ref["lr"] if ref["lr"] else 1.0
+        new_lr = lr if lr is not None else ref["lr"] * scale
+        group: dict[str, Any] = {"params": [params[n] for n in missing], "lr": new_lr}
         opt.add_param_group(group)
         new = opt.param_groups[-1]
         # keys schedulers put on every group (initial_lr, max_lr, momentum ranges...)
@@ -257,6 +337,7 @@ class _Schedule:
             if key == "params" or key in new:
                 continue
             new[key] = _scaled(key, value, scale)
+        new["lr"] = new_lr
         for sched in loop.schedulers:
             _extend_scheduler(sched, opt, before, scale, new["lr"])
         if record:
@@ -268,16 +349,60 @@ class _Schedule:
 
     @hookimpl
     def on_fit_start(self, loop: Loop) -> None:
-        """Bind to the loop's model and freeze every group not unfrozen yet."""
+        """Bind to the loop's model and freeze every group not unfrozen yet; with
+        ``train_bn``, hand the optimizer the normalisation parameters it lacks."""
         self._bind(loop)
         self._apply(loop)
+        if self.train_bn:
+            self._add_train_bn(loop)
+
+    def _add_train_bn(self, loop: Loop) -> None:
+        """``train_bn=True``: the normalisation layers inside still-frozen groups train,
+        so their parameters join the optimizer (one param group, at the learning rate
+        the first frozen group will get) when it does not hold them."""
+        model = loop.module
+        frozen = [k for k in range(len(self._groups)) if not self._unfrozen[k]]
+        if not frozen:
+            return
+        modules = named_modules(model)
+        names_of = {id(p): n for n, p in named_parameters(model).items()}
+        names: list[str] = []
+        for k in frozen:
+            for name in resolve_modules(model, self._groups[k].specs):
+                for module in modules[name].modules():
+                    if isinstance(module, _NORM):
+                        names.extend(names_of[id(p)] for p in module.parameters(recurse=False)
+                                     if names_of[id(p)] not in names)
+        first = self._groups[frozen[0]]
+        lr = self._add_to_optimizer(loop, frozen[0], names, first.lr_scale, lr=first.lr)
+        if lr is not None:
+            log.info("hookloop.freeze: train_bn: %d normalisation parameter(s) of the frozen "
+                     "modules added to the optimizer with lr %.3g", len(names), lr)
 
     @hookimpl
     def on_train_epoch_start(self, loop: Loop, epoch: int) -> None:
-        """Unfreeze the groups due at this epoch; keep frozen norm layers in eval mode
-        (the loop switched the whole model to train mode)."""
+        """Grow the learning rates of groups unfrozen before (``lr_growth``), unfreeze
+        the groups due at this epoch, and keep frozen norm layers in eval mode (the
+        loop switched the whole model to train mode)."""
+        if self._grown and epoch > self._grown_epoch:
+            self._grow(loop, epoch)
         self._due(loop)
         self._norms_to_eval()
+
+    def _grow(self, loop: Loop, epoch: int) -> None:
+        """Multiply each grown group's learning rate by ``lr_growth`` (at most the first
+        param group's with ``align_with_head``), as Lightning's BackboneFinetuning."""
+        self._grown_epoch = epoch
+        opt = loop.optimizers[self.optimizer_idx]
+        head = opt.param_groups[0]["lr"]
+        growth = self.lr_growth
+        factor = growth(epoch) if callable(growth) else growth
+        for k, (index, previous) in list(self._grown.items()):
+            lr = previous * float(factor)  # type: ignore[arg-type]
+            if self.align_with_head and lr > head:
+                lr = head
+            self._grown[k] = (index, lr)
+            opt.param_groups[index]["lr"] = lr
 
     @hookimpl
     def on_train_batch_start(self, loop: Loop, batch: Any, batch_idx: int) -> None:
@@ -305,6 +430,8 @@ class _Schedule:
         return {
             "unfrozen": list(self._unfrozen),
             "added": [dict(a, params=list(a["params"])) for a in self._added],
+            "grown": [[k, index, lr] for k, (index, lr) in sorted(self._grown.items())],
+            "grown_epoch": self._grown_epoch,
         }
 
     def load_state_dict(self, state: Mapping[str, Any], loop: Loop | None = None) -> None:
@@ -318,6 +445,8 @@ class _Schedule:
                 f"has {len(self._groups)}"
             )
         self._unfrozen = [bool(u) for u in unfrozen]
+        self._grown = {int(k): (int(index), float(lr)) for k, index, lr in state.get("grown", [])}
+        self._grown_epoch = int(state.get("grown_epoch", -1))
         self._added = []
         loop = loop or self._loop
         if loop is None:
@@ -326,7 +455,7 @@ class _Schedule:
             self._added = [dict(a) for a in state.get("added", [])]
             return
         self._bind(loop)
-        params = dict(loop.module.named_parameters())
+        params = named_parameters(loop.module)
         for entry in state.get("added", []):
             names = list(entry["params"])
             unknown = [n for n in names if n not in params]
@@ -383,11 +512,25 @@ class Freeze(_Schedule):
         optimizer steps (``loop.state.global_step >= unfreeze_at_step``).
     :param lr_scale: the learning rate of the param group added for the unfrozen
         parameters, relative to the first group's learning rate at that moment.
+    :param lr: the learning rate of that param group, as an absolute value (instead
+        of ``lr_scale``; Lightning's ``backbone_initial_lr``).
+    :param lr_growth: grow that learning rate at the start of every later epoch: a
+        factor (``2.0`` doubles it each epoch) or ``fn(epoch) -> factor`` of the
+        zero-based epoch starting (Lightning's BackboneFinetuning ``lambda_func``). The
+        plugin then sets the group's learning rate at each epoch start, over what a
+        scheduler did to it.
+    :param align_with_head: with ``lr_growth``, never let the grown learning rate
+        exceed the first param group's (the head's): once it would, it follows the
+        head's (Lightning's ``should_align``).
     :param train_bn: keep normalisation layers inside the frozen modules trainable and
-        in train mode; by default they are frozen and kept in eval mode, so their
-        running statistics do not move.
+        in train mode, and add their parameters to the optimizer when it does not hold
+        them (at ``lr``/``lr_scale``); by default they are frozen and kept in eval mode,
+        so their running statistics do not move.
     :param optimizer_idx: which of the loop's optimizers receives the unfrozen
         parameters.
+
+    Under DDP the model is wrapped again (``loop.rewrap_model()``) whenever the set of
+    trainable parameters changes; a model sharded with FSDP is refused.
     """
 
     hookloop_name = "freeze"
@@ -400,6 +543,10 @@ class Freeze(_Schedule):
         lr_scale: float = 0.1,
         train_bn: bool = False,
         optimizer_idx: int = 0,
+        *,
+        lr: float | None = None,
+        lr_growth: LrGrowth | None = None,
+        align_with_head: bool = False,
     ) -> None:
         at_epoch = _check_at("unfreeze_at_epoch", unfreeze_at_epoch)
         at_step = _check_at("unfreeze_at_step", unfreeze_at_step)
@@ -409,8 +556,10 @@ class Freeze(_Schedule):
         self.unfreeze_at_epoch = at_epoch
         self.unfreeze_at_step = at_step
         self.lr_scale = _check_scale(lr_scale)
-        super().__init__([_Group(self.modules, at_epoch, at_step, self.lr_scale)],
-                         train_bn=train_bn, optimizer_idx=optimizer_idx)
+        self.lr = None if lr is None else _check_scale(lr, "lr")
+        super().__init__([_Group(self.modules, at_epoch, at_step, self.lr_scale, self.lr)],
+                         train_bn=train_bn, optimizer_idx=optimizer_idx, lr_growth=lr_growth,
+                         align_with_head=align_with_head)
 
     @property
     def is_frozen(self) -> bool:
@@ -420,7 +569,8 @@ class Freeze(_Schedule):
     def __repr__(self) -> str:
         return (f"Freeze(modules={list(map(str, self.modules))}, unfreeze_at_epoch="
                 f"{self.unfreeze_at_epoch}, unfreeze_at_step={self.unfreeze_at_step}, "
-                f"lr_scale={self.lr_scale}, train_bn={self.train_bn})")
+                f"lr_scale={self.lr_scale}, lr={self.lr}, lr_growth={self.lr_growth}, "
+                f"align_with_head={self.align_with_head}, train_bn={self.train_bn})")
 
 
 class GradualUnfreeze(_Schedule):
@@ -439,6 +589,10 @@ class GradualUnfreeze(_Schedule):
         the first param group's learning rate at that moment: one number for all groups
         or one per group (e.g. ``[1/2.6, 1/2.6**2, 1/2.6**3]`` for ULMFiT's
         discriminative rates).
+    :param lr: absolute learning rates instead of ``lr_scale``: one number for all
+        groups or one per group.
+    :param lr_growth: see :class:`Freeze`; applies to every unfrozen group.
+    :param align_with_head: see :class:`Freeze`.
     :param train_bn: see :class:`Freeze`.
     :param optimizer_idx: see :class:`Freeze`.
     """
@@ -456,6 +610,9 @@ class GradualUnfreeze(_Schedule):
         start_step: int | None = None,
         train_bn: bool = False,
         optimizer_idx: int = 0,
+        lr: float | Sequence[float] | None = None,
+        lr_growth: LrGrowth | None = None,
+        align_with_head: bool = False,
     ) -> None:
         if isinstance(groups, (str, nn.Module)) or not groups:
             raise ValueError("groups must be a non-empty list of module specs (or lists of them)")
@@ -469,6 +626,16 @@ class GradualUnfreeze(_Schedule):
             scales = [_check_scale(s) for s in lr_scale]
             if len(scales) != n:
                 raise ValueError(f"lr_scale has {len(scales)} entries for {n} groups")
+        lrs: list[float | None]
+        if lr is None:
+            lrs = [None] * n
+        elif isinstance(lr, (int, float)):
+            lrs = [_check_scale(lr, "lr")] * n
+        else:
+            lrs = [_check_scale(v, "lr") for v in lr]
+            if len(lrs) != n:
+                raise ValueError(f"lr has {len(lrs)} entries for {n} groups")
+        self.lr = lrs
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
         self.lr_scale = scales
@@ -479,16 +646,17 @@ class GradualUnfreeze(_Schedule):
             self.start_step: int | None = first
             self.start_epoch: int | None = None
             for k, g in enumerate(groups):
-                built.append(_Group(_as_specs(g), None, first + k * every_n_steps, scales[k]))
+                built.append(_Group(_as_specs(g), None, first + k * every_n_steps, scales[k], lrs[k]))
         else:
             first = _check_at("start_epoch", start_epoch)
             first = every_n_epochs if first is None else first
             self.start_epoch = first
             self.start_step = None
             for k, g in enumerate(groups):
-                built.append(_Group(_as_specs(g), first + k * every_n_epochs, None, scales[k]))
+                built.append(_Group(_as_specs(g), first + k * every_n_epochs, None, scales[k], lrs[k]))
         self.groups = [g.specs for g in built]
-        super().__init__(built, train_bn=train_bn, optimizer_idx=optimizer_idx)
+        super().__init__(built, train_bn=train_bn, optimizer_idx=optimizer_idx, lr_growth=lr_growth,
+                         align_with_head=align_with_head)
 
     def unfreeze_points(self) -> list[tuple[str, int]]:
         """When each group unfreezes: ``("epoch", n)`` or ``("step", n)`` per group."""
