@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml $(PLUGINS) $(EXAMPLES) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PIP) install -q --disable-pip-version-check -e ".[test,demo]" $(foreach p,$(PLUGINS) $(EXAMPLES),-e $(dir $(p)))
+	$(PIP) install -q --disable-pip-version-check -e ".[test]" $(foreach p,$(PLUGINS) $(EXAMPLES),-e $(dir $(p)))
 	touch $(STAMP)
 
 demo: $(STAMP)
