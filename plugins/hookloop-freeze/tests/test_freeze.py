@@ -336,3 +336,135 @@ def test_resume_at_epoch_end_restores_frozen_set_and_groups():
     assert [t for e, _, t, _ in probe.seen if e == 2] == [False] * len(tiny_data())
     assert all(t for e, _, t, _ in probe.seen if e >= 3)
     assert len(fresh.optimizers[0].param_groups) == 2
+
+
+# ---------------------------------------------------------------------- defects and options
+
+
+def test_train_bn_adds_the_norm_parameters_the_optimizer_lacks():
+    loop = make_loop([Freeze("backbone", train_bn=True, lr_scale=0.5)])  # optimizer: the head only
+    bn = loop.module.backbone[1]
+    weight = bn.weight.detach().clone()
+    loop.fit(max_epochs=1)
+    groups = loop.optimizers[0].param_groups
+    assert len(groups) == 2
+    assert {id(p) for p in groups[1]["params"]} == {id(bn.weight), id(bn.bias)}
+    assert groups[1]["lr"] == pytest.approx(0.05)
+    assert not torch.equal(bn.weight, weight)  # trained, not only requires_grad
+    assert not loop.module.backbone[0].weight.requires_grad
+
+
+def test_train_bn_resume_recreates_the_norm_group():
+    def plugin():
+        return Freeze("backbone", train_bn=True, unfreeze_at_epoch=2)
+
+    snap = Snap(12)
+    full = make_loop([plugin(), snap], opt="adam")
+    full.fit(max_epochs=3)
+    fresh = make_loop([plugin()], opt="adam")
+    fresh.fit(max_epochs=3, resume=snap.load())
+    assert len(full.optimizers[0].param_groups) == len(fresh.optimizers[0].param_groups) == 3
+    assert same(snapshot(full.module), snapshot(fresh.module))
+
+
+def test_absolute_learning_rate_for_the_unfrozen_group():
+    loop = make_loop([Freeze("backbone", unfreeze_at_epoch=1, lr=0.003)])
+    loop.fit(max_epochs=2)
+    assert [g["lr"] for g in loop.optimizers[0].param_groups] == pytest.approx([0.1, 0.003])
+    model = Net()
+    gu = GradualUnfreeze(["backbone.3", "backbone.0"], lr=[0.02, 0.01])
+    loop = tiny_loop([gu], model=model, optimizer=torch.optim.SGD(model.head.parameters(), lr=0.1))
+    loop.fit(max_epochs=3)
+    assert [g["lr"] for g in loop.optimizers[0].param_groups] == pytest.approx([0.1, 0.02, 0.01])
+    with pytest.raises(ValueError, match="lr must be a positive number; got -1"):
+        Freeze("backbone", lr=-1)
+    with pytest.raises(ValueError, match="lr has 1 entries for 2 groups"):
+        GradualUnfreeze(["a", "b"], lr=[0.1])
+
+
+class LRs:
+    """The learning rate of every param group at each epoch's first batch."""
+
+    def __init__(self) -> None:
+        self.by_epoch: list[list[float]] = []
+
+    @hookimpl
+    def on_train_batch_start(self, loop, batch, batch_idx):
+        if batch_idx == 0:
+            self.by_epoch.append([g["lr"] for g in loop.optimizers[0].param_groups])
+
+
+def test_lr_growth_factor_and_function_and_alignment():
+    lrs = LRs()
+    make_loop([Freeze("backbone", unfreeze_at_epoch=1, lr=0.01, lr_growth=3.0), lrs]).fit(max_epochs=4)
+    assert [e[1:] for e in lrs.by_epoch] == [[], [pytest.approx(0.01)], [pytest.approx(0.03)],
+                                            [pytest.approx(0.09)]]
+    lrs = LRs()
+    make_loop([Freeze("backbone", unfreeze_at_epoch=1, lr=0.01, lr_growth=3.0, align_with_head=True),
+               lrs]).fit(max_epochs=4)
+    assert [e[1:] for e in lrs.by_epoch][3] == [pytest.approx(0.09)]  # below the head's 0.1
+    lrs = LRs()
+    make_loop([Freeze("backbone", unfreeze_at_epoch=1, lr=0.04, lr_growth=lambda epoch: epoch,
+                      align_with_head=True), lrs]).fit(max_epochs=4)
+    # epoch 2: 0.04 * 2 = 0.08; epoch 3: 0.08 * 3 = 0.24, capped at the head's 0.1
+    assert [e[1] for e in lrs.by_epoch[1:]] == pytest.approx([0.04, 0.08, 0.1])
+    with pytest.raises(ValueError, match="lr_growth must be a positive number; got 0"):
+        Freeze("backbone", lr_growth=0)
+
+
+@pytest.mark.parametrize("at", [10, 12, 20])
+def test_lr_growth_resumes_without_growing_twice(at):
+    def plugin():
+        return Freeze("backbone", unfreeze_at_epoch=1, lr_growth=2.0, lr_scale=0.1)
+
+    snap = Snap(at)  # mid-epoch 1 (the unfreezing epoch), at the end of epoch 1, mid-epoch 2
+    full = make_loop([plugin(), snap], opt="adam")
+    full.fit(max_epochs=4)
+    fresh = make_loop([plugin()], opt="adam")
+    fresh.fit(max_epochs=4, resume=snap.load())
+    a, b = _final(full), _final(fresh)
+    assert a[1] == b[1] and same(a[0], b[0])
+
+
+def test_compiled_model_names_resolve_through_orig_mod():
+    model = Net()
+    compiled = torch.compile(model, backend="eager")
+    assert resolve_modules(compiled, ["backbone.0", "_orig_mod.head"]) == ["backbone.0", "head"]
+    assert resolve_modules(nn.Sequential(compiled), ["0.backbone.[03]"]) == ["0.backbone.0", "0.backbone.3"]
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    probe = Probe()
+    loop = tiny_loop([Freeze("backbone", unfreeze_at_epoch=1), probe], model=compiled, optimizer=opt)
+    before = snapshot(model.backbone)
+    loop.fit(max_epochs=1)
+    assert same(before, snapshot(model.backbone))
+    loop.fit(max_epochs=2)
+    assert not same(before, snapshot(model.backbone))
+    assert [t for _, _, t, _ in probe.seen] == [False] * 8 + [True] * 8
+    assert loop.get_plugin("freeze").state_dict()["added"][0]["params"][0] == "backbone.0.weight"
+
+
+@pytest.mark.slow
+def test_compiled_model_with_inductor():
+    model = Net()
+    compiled = torch.compile(model)  # inductor: compiles C++ on the CPU (about 30 s here)
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    loop = tiny_loop([Freeze("backbone", unfreeze_at_epoch=1)], model=compiled, optimizer=opt)
+    before = snapshot(model.backbone)
+    loop.fit(max_epochs=2)
+    assert not same(before, snapshot(model.backbone))
+    assert len(opt.param_groups) == 2
+
+
+def test_fsdp_models_are_refused_clearly():
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    model = Net()
+    # what fully_shard does to a module's class, without a process group
+    model.backbone.__class__ = type("FSDPSequential", (fsdp.FSDPModule, nn.Sequential), {})
+    plugin = Freeze("backbone")
+
+    class FakeLoop:
+        module = model
+        optimizers = ()
+
+    with pytest.raises(NotImplementedError, match="module 'backbone' of the model is sharded with FSDP"):
+        plugin.on_fit_start(FakeLoop())
