@@ -159,7 +159,7 @@ def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     pool = list(dict.fromkeys(candidates))
     key = re.sub(r"[-_\s]", "", name).lower()
     exact = [c for c in pool if re.sub(r"[-_\s]", "", c).lower() == key and c != name]
-    close = difflib.get_close_matches(name, pool, n=n, cutoff=0.75)
+    close = [c for c in difflib.get_close_matches(name, pool, n=n + 1, cutoff=0.75) if c != name]
     return list(dict.fromkeys([*exact, *close]))[:n]
 
 
