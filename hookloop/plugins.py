@@ -671,7 +671,8 @@ def _short(value: Any, limit: int = 120) -> str:
 
 def _signature(obj: Any) -> str:
     try:
-        return f"{getattr(obj, '__name__', 'it')}{inspect.signature(obj)}"
+        sig = inspect.signature(obj).replace(return_annotation=inspect.Signature.empty)
+        return f"{getattr(obj, '__name__', 'it')}{sig}"
     except (TypeError, ValueError):
         return "keyword arguments its documentation lists"
 
