@@ -33,6 +33,32 @@ BUNDLED = ("checkpoint", "early_stopping", "freeze", "summary", "tensorboard", "
 LOG_EVERY = 50
 """Logging interval (optimizer steps) of every contender that logs."""
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+"""The bundled tracker plugins (the tracker target measures these three together)."""
+
+_T0 = time.perf_counter()
+_DEADLINE: list[float | None] = [None]
+
+
+# ----------------------------------------------------------------------------- time budget
+
+
+def set_budget(seconds: float | None) -> None:
+    """Give the whole run ``seconds`` from now (``None``: no limit). Parts check
+    :func:`time_left` between rounds and stop early, or are reported ``NOT RUN``."""
+    _DEADLINE[0] = None if seconds is None else time.perf_counter() + seconds
+
+
+def time_left() -> float:
+    """Seconds left of the budget (infinite without one)."""
+    end = _DEADLINE[0]
+    return float("inf") if end is None else end - time.perf_counter()
+
+
+def out_of_time(need_s: float = 0.0) -> bool:
+    """Whether less than ``need_s`` seconds of the budget are left."""
+    return time_left() <= need_s
+
 
 # ----------------------------------------------------------------------------- machine
 
@@ -80,16 +106,46 @@ def dist_version(name: str) -> str | None:
 
 
 def summarize(samples: Sequence[float], scale: float = 1e6) -> dict[str, Any]:
-    """Median, quartiles and count of ``samples`` (seconds), scaled (default: to us)."""
+    """Median, quartiles, min, max and count of ``samples`` (seconds), scaled (default:
+    to us)."""
     if not samples:
-        return {"median": None, "p25": None, "p75": None, "n": 0}
+        return {"median": None, "p25": None, "p75": None, "min": None, "max": None, "n": 0}
     values = sorted(s * scale for s in samples)
     if len(values) >= 4:
         q = statistics.quantiles(values, n=4)
         p25, p75 = q[0], q[2]
     else:
         p25, p75 = values[0], values[-1]
-    return {"median": statistics.median(values), "p25": p25, "p75": p75, "n": len(values)}
+    return {"median": statistics.median(values), "p25": p25, "p75": p75, "min": values[0],
+            "max": values[-1], "n": len(values)}
+
+
+def over_rounds(values: Sequence[float | None]) -> dict[str, Any]:
+    """Median and spread (min and max) of one figure measured once per round.
+
+    The figures of this suite are quoted this way: a difference smaller than the
+    spread across rounds is not a result. ``None`` entries (a round that did not run)
+    are left out."""
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return {"median": None, "min": None, "max": None, "n": 0, "rounds": []}
+    return {"median": statistics.median(vals), "min": vals[0], "max": vals[-1], "n": len(vals),
+            "rounds": list(values)}
+
+
+def rng(stat: dict[str, Any] | None) -> str | None:
+    """``"min..max"`` of a stats dict with ``min``/``max`` (``None`` when absent)."""
+    if not stat or stat.get("min") is None:
+        return None
+    return f"{_fmt(stat['min'])}..{_fmt(stat['max'])}"
+
+
+def spread_text(stat: dict[str, Any] | None, digits: int = 2) -> str:
+    """``"median [min..max, n rounds]"`` of an :func:`over_rounds` result."""
+    if not stat or stat.get("median") is None:
+        return "-"
+    return (f"{stat['median']:.{digits}f} [{stat['min']:.{digits}f}..{stat['max']:.{digits}f}, "
+            f"n={stat['n']}]")
 
 
 def sync(device: torch.device) -> None:
@@ -163,23 +219,46 @@ class Target:
     limit: float
     unit: str
     note: str = ""
+    spread: Sequence[float] | None = None
+    """``(min, max)`` of the figure across rounds (or repetitions), when measured so."""
 
     @property
     def status(self) -> str:
-        """``met``, ``MISSED`` or ``NOT RUN`` (no figure)."""
+        """``met``, ``MISSED`` or ``NOT RUN`` (no figure); judged on the median."""
         if self.value is None:
             return "NOT RUN"
         return "met" if self.value <= self.limit else "MISSED"
 
+    @property
+    def inconclusive(self) -> bool:
+        """Whether the spread across rounds straddles the limit (the status is then not
+        a result: a repeat could flip it)."""
+        if self.value is None or not self.spread:
+            return False
+        lo, hi = self.spread
+        return lo <= self.limit < hi
+
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
         return {"name": self.name, "value": self.value, "limit": self.limit, "unit": self.unit,
-                "status": self.status, "note": self.note}
+                "status": self.status, "note": self.note,
+                "spread": None if self.spread is None else list(self.spread),
+                "inconclusive": self.inconclusive}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Target:
+        """Inverse of :meth:`as_dict`."""
+        return cls(d["name"], d["value"], d["limit"], d["unit"], d.get("note", ""), d.get("spread"))
 
     def line(self) -> str:
-        """One printed line: figure, limit and status."""
+        """One printed line: figure with its spread, limit and status."""
         value = "-" if self.value is None else f"{self.value:.3f}"
-        note = f"  ({self.note})" if self.note else ""
+        if self.value is not None and self.spread:
+            value += f" [{self.spread[0]:.3f}..{self.spread[1]:.3f}]"
+        notes = [self.note] if self.note else []
+        if self.inconclusive:
+            notes.append("spread straddles the limit: not a result")
+        note = f"  ({'; '.join(notes)})" if notes else ""
         limit = f"(target <= {self.limit:g} {self.unit})"
         return f"  [{self.status:>7}] {self.name}: {value} {self.unit} {limit}{note}"
 
@@ -386,13 +465,15 @@ def hookloop_loop(
     step_fn: Callable[[Any, Any], Any] | None = None,
     val_data: Any = None,
     lr: float = 0.01,
+    loss_fn: Callable[..., torch.Tensor] = nn.functional.cross_entropy,
 ) -> Any:
     """A hookloop ``Loop`` as every benchmark builds it: SGD with momentum,
-    cross-entropy, logging every ``LOG_EVERY`` steps, no autoload, not distributed."""
+    cross-entropy (or ``loss_fn``), logging every ``LOG_EVERY`` steps, no autoload,
+    not distributed."""
     from hookloop.loop import Loop
 
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    return Loop(model, opt, train_data, loss_fn=nn.functional.cross_entropy, step_fn=step_fn,
+    return Loop(model, opt, train_data, loss_fn=loss_fn, step_fn=step_fn,
                 val_data=val_data, plugins=list(plugins), log_every_n_steps=LOG_EVERY,
                 autoload=False, distributed=False)
 
@@ -403,8 +484,34 @@ def noop_step(loop: Any, batch: Any) -> None:
 
 
 def log(msg: str) -> None:
-    """Progress message on stderr (results go to stdout)."""
-    print(msg, file=sys.stderr, flush=True)
+    """Progress message on stderr (results go to stdout), with the seconds since start."""
+    print(f"[{time.perf_counter() - _T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def compile_unavailable(device: torch.device, backend: str) -> str | None:
+    """Why ``torch.compile`` with ``backend`` cannot be used on ``device``, or ``None``.
+
+    Compiles and runs a two-op function once (this is where a missing C++ compiler or
+    Triton shows up). ``HOOKLOOP_BENCH_COMPILE=0`` turns the compiled variants off."""
+    if os.environ.get("HOOKLOOP_BENCH_COMPILE", "1") == "0":
+        return "turned off by HOOKLOOP_BENCH_COMPILE=0"
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    try:
+        fn = torch.compile(lambda x: torch.relu(x) * 2 + 1, backend=backend)
+        fn(torch.ones(8, device=device))
+        sync(device)
+    except Exception as exc:
+        return f"torch.compile(backend={backend!r}) failed: {type(exc).__name__}: {str(exc)[:200]}"
+    return None
+
+
+def target_from_rounds(name: str, stat: dict[str, Any] | None, limit: float, unit: str,
+                       note: str = "") -> Target:
+    """A :class:`Target` from an :func:`over_rounds` result (median, with its spread)."""
+    if not stat or stat.get("median") is None:
+        return Target(name, None, limit, unit, note)
+    return Target(name, stat["median"], limit, unit, note, (stat["min"], stat["max"]))
 
 
 def seeded(seed: int = 0) -> torch.Generator:

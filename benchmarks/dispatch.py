@@ -201,23 +201,32 @@ def bench_fit_overhead(
     if stack is not None and stack.chosen:
         variants[f"full stack ({len(stack.chosen)} plugins)"] = lambda: stack.plugins(root)
     samples: dict[str, list[float]] = {"bare loop": [], **{k: [] for k in variants}}
-    for _ in range(rounds):
+    per_round: dict[str, list[float]] = {k: [] for k in samples}
+    for r in range(rounds):
+        if r > 0 and benchlib.out_of_time(10.0):
+            log(f"dispatch: time budget: stopping after {r} of {rounds} rounds")
+            break
         clock = FetchClock(batches, device)
         bare_fit(clock, epochs)
-        samples["bare loop"] += clock.take()[1:]
+        timed = clock.take()[1:]
+        samples["bare loop"] += timed
+        per_round["bare loop"].append(statistics.median(timed) * 1e6)
         for name, make in variants.items():
             clock = FetchClock(batches, device)
             loop = benchlib.hookloop_loop(noop_model().to(device), clock, plugins=make(),
                                           step_fn=benchlib.noop_step, val_data=val)
             loop.fit(max_epochs=epochs)
-            samples[name] += clock.take()[1:]
-    bare = summarize(samples["bare loop"])
+            timed = clock.take()[1:]
+            samples[name] += timed
+            per_round[name].append(statistics.median(timed) * 1e6)
     rows = []
     for name, s in samples.items():
-        st = summarize(s)
-        rows.append({"contender": name, "us_per_step": st,
-                     "overhead_us": st["median"] - bare["median"]})
-    return {"steps_per_epoch": steps, "epochs": epochs, "rounds": rounds, "rows": rows}
+        over = benchlib.over_rounds([a - b for a, b in zip(per_round[name], per_round["bare loop"])])
+        rows.append({"contender": name, "us_per_step": summarize(s),
+                     "us_per_step_rounds": benchlib.over_rounds(per_round[name]),
+                     "overhead_us": over["median"], "overhead_us_rounds": over})
+    return {"steps_per_epoch": steps, "epochs": epochs, "rounds": len(per_round["bare loop"]),
+            "rows": rows}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -249,7 +258,14 @@ def run(
 def dispatch_targets(micro: dict[str, Any], fit: dict[str, Any], stack: benchlib.FullStack) -> list[Target]:
     """The targets of the core issue, from the measured figures."""
     rows = {r["case"]: r for r in micro["rows"]}
-    out = [Target("hook with 0 impls (hookloop, net)", rows["0 impls"]["hookloop_net_us"], 0.05, "us")]
+    loop_us = micro["timeit_loop_us"]
+
+    def spread(r: dict[str, Any]) -> tuple[float, float] | None:
+        s = r.get("hookloop") or {}
+        return None if s.get("min") is None else (s["min"] - loop_us, s["max"] - loop_us)
+
+    out = [Target("hook with 0 impls (hookloop, net)", rows["0 impls"]["hookloop_net_us"], 0.05, "us",
+                  "spread: min..max over repetitions", spread(rows["0 impls"]))]
     for label in ("1 impl", "10 impls", "wrapper + 1 impl"):
         r = rows[label]
         if "error" in r:
@@ -257,44 +273,45 @@ def dispatch_targets(micro: dict[str, Any], fit: dict[str, Any], stack: benchlib
             continue
         limit = 1.5 * r["plain_net_us"] + 0.1
         out.append(Target(f"hook with {label} (hookloop, net)", r["hookloop_net_us"], round(limit, 4), "us",
-                          "1.5 x plain + 0.1 us"))
+                          "1.5 x plain + 0.1 us", spread(r)))
     fits = {r["contender"]: r for r in fit["rows"]}
-    out.append(Target("fit no-op overhead, no plugins", fits["0 no-op plugins"]["overhead_us"], 1.0,
-                      "us/step"))
+    out.append(benchlib.target_from_rounds("fit no-op overhead, no plugins",
+                                           fits["0 no-op plugins"]["overhead_us_rounds"], 1.0, "us/step"))
     full = [r for name, r in fits.items() if name.startswith("full stack")]
     note = ("missing: " + ", ".join(sorted(stack.missing))) if stack.missing else "all bundled plugins"
-    out.append(Target("fit no-op overhead, full bundled stack",
-                      full[0]["overhead_us"] if full else None, 2.0, "us/step", note))
+    out.append(benchlib.target_from_rounds("fit no-op overhead, full bundled stack",
+                                           full[0]["overhead_us_rounds"] if full else None, 2.0, "us/step",
+                                           note))
     return out
 
 
 def report(result: dict[str, Any]) -> str:
     """The printed tables of this script, targets last."""
     micro, fit = result["micro"], result["fit"]
-    lines = [f"one call of {HOOK}: median us per call (net of timeit's empty loop, "
-             f"{micro['timeit_loop_us'] * 1e3:.1f} ns)"]
+    lines = [f"one call of {HOOK}: median us per call over repetitions (net of timeit's empty loop, "
+             f"{micro['timeit_loop_us'] * 1e3:.1f} ns); hookloop [min..max] over repetitions, gross"]
     rows = []
     for r in micro["rows"]:
         if "error" in r:
             rows.append([r["case"], "failed: " + r["error"][:70], None, None, None, None, None])
             continue
         rows.append([r["case"], r["hookloop_net_us"], r["pluggy_net_us"], r["plain_net_us"],
-                     r["hookloop"]["median"], r["pluggy"]["median"], r["plain"]["median"]])
-    lines.append(format_table(rows, ["case", "hookloop", "pluggy", "plain", "hookloop gross",
+                     r["hookloop"]["median"], benchlib.rng(r["hookloop"]), r["pluggy"]["median"],
+                     r["plain"]["median"]])
+    lines.append(format_table(rows, ["case", "hookloop", "pluggy", "plain", "hookloop gross", "[min..max]",
                                      "pluggy gross", "plain gross"]))
     lines.append("")
     lines.append(f"fit with a no-op step, {fit['steps_per_epoch']} steps/epoch, median of "
-                 f"{fit['rounds']} interleaved rounds x {fit['epochs'] - 1} epochs")
-    rows = [[r["contender"], r["us_per_step"]["median"], r["us_per_step"]["p25"], r["us_per_step"]["p75"],
-             r["overhead_us"]] for r in fit["rows"]]
-    lines.append(format_table(rows, ["contender", "us/step", "p25", "p75", "overhead us/step"]))
+                 f"{fit['rounds']} interleaved rounds x {fit['epochs'] - 1} epochs, [min..max] across rounds")
+    rows = [[r["contender"], r["us_per_step_rounds"]["median"], benchlib.rng(r["us_per_step_rounds"]),
+             r["overhead_us"], benchlib.rng(r["overhead_us_rounds"])] for r in fit["rows"]]
+    lines.append(format_table(rows, ["contender", "us/step", "[min..max]", "overhead us/step", "[min..max]"]))
     if result["stack"]["missing"]:
         lines.append("full stack: missing " + "; ".join(f"{k} ({v[:120]})"
                                                          for k, v in result["stack"]["missing"].items()))
     lines.append("")
     lines.append("targets:")
-    lines += [Target(**{k: t[k] for k in ("name", "value", "limit", "unit", "note")}).line()
-              for t in result["targets"]]
+    lines += [Target.from_dict(t).line() for t in result["targets"]]
     return "\n".join(lines)
 
 

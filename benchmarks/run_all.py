@@ -1,4 +1,5 @@
-"""Run the whole benchmark suite: dispatch, workloads and checkpoint stall.
+"""Run the whole benchmark suite: workloads (with the compiled CNN), checkpoint stall,
+trackers, whole-fit wall time and dispatch, in that order.
 
 Writes ``results.json`` (every figure, the machine, the command) and the PNG plots to
 ``--out``, prints each part's tables, then a summary table and every target (met,
@@ -6,7 +7,9 @@ MISSED or NOT RUN) last.
 
 ``python benchmarks/run_all.py --device cpu --out benchmarks/results/local`` (``make
 bench``); ``--quick`` runs tiny sizes (the smoke test); ``--device cuda`` times with
-CUDA events (see ``run_gpu.sh``).
+CUDA events (see ``run_gpu.sh``); ``--budget-s N`` (or ``HOOKLOOP_BENCH_BUDGET_S``)
+bounds the run: parts stop after the last round that fits, and a part that does not
+fit at all is reported as NOT RUN.
 """
 
 from __future__ import annotations
@@ -23,10 +26,15 @@ import checkpoint_stall
 import dispatch
 import plots
 import torch
+import trackers
+import wholefit
 import workloads
 from benchlib import Target, format_table, log
 
-PARTS = ("dispatch", "workloads", "checkpoint")
+PARTS = ("workloads", "checkpoint", "trackers", "wholefit", "dispatch")
+MODULES = {"workloads": workloads, "checkpoint": checkpoint_stall, "trackers": trackers,
+           "wholefit": wholefit, "dispatch": dispatch}
+NEEDS_STACK = ("workloads", "trackers", "wholefit", "dispatch")
 
 
 def summary(results: dict[str, Any]) -> str:
@@ -42,20 +50,25 @@ def summary(results: dict[str, Any]) -> str:
                 if "error" in r:
                     rows.append([work["name"], r["contender"], "failed", None, None, None, None])
                     continue
-                rows.append([work["name"], r["contender"], r["us_per_step"]["median"], r["overhead_us"],
-                             r["overhead_pct"], r["syncs"].get("non_logging_steps"),
+                rows.append([work["name"], r["contender"], r["us_per_step"]["median"],
+                             benchlib.rng(r["us_per_step"]), r["overhead_pct"],
+                             benchlib.rng(r["overhead_pct_rounds"]), r["syncs"].get("non_logging_steps"),
                              r.get("peak_mem_diff_mb")])
             for name, why in work["skipped"].items():
-                rows.append([work["name"], name, "skipped", None, None, None, why[:50]])
-        lines.append(format_table(rows, ["workload", "contender", "us/step", "over raw us", "over raw %",
-                                         "non-log syncs", "peak mem +MB"]))
+                rows.append([work["name"], name, "skipped", None, None, None, None, why[:50]])
+        for name, why in w.get("skipped_workloads", {}).items():
+            rows.append([name, "-", "NOT RUN", None, None, None, None, why[:50]])
+        lines.append(format_table(rows, ["workload", "contender", "us/step", "[min..max]", "over raw %",
+                                         "[min..max]", "non-log syncs", "peak mem +MB"]))
         missing = w["stack"]["missing"]
         lines.append("full stack: " + ", ".join(w["stack"]["plugins"])
                      + (f"; not in it: {', '.join(sorted(missing))}" if missing else ""))
+    if results.get("wholefit", {}).get("rows") is not None:
+        lines.append("")
+        lines.append(wholefit.report(results["wholefit"]))
     lines.append("")
-    lines.append("targets:")
-    lines += [Target(**{k: t[k] for k in ("name", "value", "limit", "unit", "note")}).line()
-              for t in results["targets"]]
+    lines.append("targets (median [min..max] across rounds):")
+    lines += [Target.from_dict(t).line() for t in results["targets"]]
     counts = {s: sum(t["status"] == s for t in results["targets"]) for s in ("met", "MISSED", "NOT RUN")}
     lines.append(f"  {counts['met']} met, {counts['MISSED']} MISSED, {counts['NOT RUN']} NOT RUN")
     return "\n".join(lines)
@@ -68,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--only", nargs="*", choices=PARTS, help="run only these parts")
+    parser.add_argument("--budget-s", type=float,
+                        default=float(os.environ.get("HOOKLOOP_BENCH_BUDGET_S") or 0),
+                        help="stop starting work after this many seconds (0: no limit)")
     args = parser.parse_args(argv)
+    benchlib.set_budget(args.budget_s or None)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"--device {args.device}: CUDA is not available to torch {torch.__version__}", file=sys.stderr)
@@ -79,25 +96,33 @@ def main(argv: list[str] | None = None) -> int:
     script = os.path.relpath(sys.argv[0]) if sys.argv[0] else "benchmarks/run_all.py"
     results: dict[str, Any] = {"command": " ".join(["python", script, *sys.argv[1:]]),
                                "quick": args.quick, "machine": benchlib.machine_info(device)}
+    results["budget_s"] = args.budget_s or None
     reports = []
+    not_run: list[Target] = []
     with benchlib.sandbox() as root:
         stack = None
-        if "dispatch" in parts or "workloads" in parts:
+        if any(p in parts for p in NEEDS_STACK):
             stack = workloads._resolve(device, root)
             results["stack"] = stack.as_dict()
-        if "dispatch" in parts:
-            results["dispatch"] = dispatch.run(device, args.quick, root, stack)
-            results["dispatch"]["machine"] = results["machine"]
-            reports.append(dispatch.report(results["dispatch"]))
-        if "workloads" in parts:
-            results["workloads"] = workloads.run(device, args.quick, root, stack)
-            results["workloads"]["machine"] = results["machine"]
-            reports.append(workloads.report(results["workloads"]))
-        if "checkpoint" in parts:
-            results["checkpoint"] = checkpoint_stall.run(device, args.quick, root)
-            reports.append(checkpoint_stall.report(results["checkpoint"]))
-    results["targets"] = [t for p in ("dispatch", "workloads", "checkpoint") if p in results
-                          for t in results[p]["targets"]]
+        for part in PARTS:
+            if part not in parts:
+                continue
+            if benchlib.out_of_time(10.0):
+                log(f"{part}: NOT RUN: time budget")
+                results.setdefault("not_run", {})[part] = "time budget"
+                not_run.append(Target(f"part {part}", None, 0.0, "", "NOT RUN: time budget"))
+                continue
+            mod = MODULES[part]
+            t_part = time.perf_counter()
+            if part == "checkpoint":
+                results[part] = mod.run(device, args.quick, root)
+            else:
+                results[part] = mod.run(device, args.quick, root, stack)
+            results[part]["machine"] = results["machine"]
+            results[part]["elapsed_s"] = time.perf_counter() - t_part
+            reports.append(mod.report(results[part]))
+    results["targets"] = [t for p in PARTS if p in results for t in results[p]["targets"]]
+    results["targets"] += [t.as_dict() for t in not_run]
     results["elapsed_s"] = time.perf_counter() - t0
     benchlib.write_json(out / "results.json", results)
     pngs = []

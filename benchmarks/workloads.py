@@ -4,8 +4,12 @@ Lightning on three workloads, with host-device syncs and peak memory.
 Workloads (data pre-generated on the device, so loading is not measured):
 
 - ``noop``: a step function that does nothing: framework overhead per step;
-- ``mlp``: a tiny MLP (three small Linear layers, batch 32): dispatch-dominated;
-- ``cnn``: a small CNN on 32x32 images (batch 32): a realistic step.
+- ``mlp``: a tiny MLP (32-64-64-1, MSE regression, batch 32): dispatch-dominated;
+- ``cnn``: a small CNN on 32x32 images (batch 32): a realistic step;
+- ``cnn_compiled``: the same CNN under ``torch.compile`` (raw, hookloop and the full
+  stack only; compiled once before timing; skipped with the reason printed when
+  ``torch.compile`` does not work here). Quick runs use the ``eager`` backend
+  (``HOOKLOOP_BENCH_COMPILE_BACKEND`` overrides; default ``inductor``).
 
 Contenders: the raw loop (the floor); the raw loop calling a no-op callback object's
 five per-step methods by hand; hookloop with no plugins, with that same object as a
@@ -18,7 +22,11 @@ its defaults. Ignite and Lightning are optional (``benchmarks/requirements.txt``
 Every contender consumes the same :class:`benchlib.FetchClock`, which times each epoch
 from inside (first to last batch handed out), so start-up and epoch-end work is left
 out of the per-step figure; the whole fit's wall time is reported beside it. Rounds
-interleave the contenders; the first epoch of every fit is warm-up and dropped.
+interleave the contenders; the first epoch of every fit is warm-up and dropped. Each
+figure is the median over rounds with its spread (min..max across rounds); overheads
+are paired by round (contender minus raw in the same round). A difference smaller
+than the spread is not a result. Under a time budget (``benchlib.set_budget``) a
+workload stops after the last round that fits and says how many ran.
 
 Run alone: ``python benchmarks/workloads.py [--device cpu|cuda] [--quick] [--out DIR]``.
 """
@@ -30,6 +38,7 @@ import contextlib
 import copy
 import logging
 import os
+import statistics
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -65,10 +74,26 @@ class Workload:
     rounds: int
     device: torch.device
     val: list[Any] = field(default_factory=list)
+    loss: Callable[..., torch.Tensor] = F.cross_entropy
+    contenders: tuple[str, ...] | None = None
+    """Names of the contenders that run this workload (``None``: all)."""
+    compiled: Any = None
+    """The one ``torch.compile``d module every contender shares (compiled once)."""
+    note: str = ""
 
     def model(self) -> nn.Module:
-        """A fresh copy of the template (same initial weights for every contender)."""
+        """A fresh copy of the template (same initial weights for every contender); for
+        the compiled workload, the shared compiled module reset to the initial weights."""
+        if self.compiled is not None:
+            self.compiled._orig_mod.load_state_dict(self._initial)
+            return self.compiled
         return copy.deepcopy(self.template)
+
+    def compile(self, backend: str) -> None:
+        """Wrap a copy of the template in ``torch.compile`` (compiled on first use)."""
+        eager = copy.deepcopy(self.template)
+        self._initial = {k: v.clone() for k, v in eager.state_dict().items()}
+        self.compiled = torch.compile(eager, backend=backend)
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The optimizer every contender uses."""
@@ -76,39 +101,82 @@ class Workload:
 
 
 def _batches(n: int, shape: tuple[int, ...], classes: int, device: torch.device) -> list[Any]:
+    """``n`` batches ``(x, y)``: class labels, or regression targets of shape (batch, 1)
+    when ``classes`` is 0."""
     g = benchlib.seeded(1)
-    return [(torch.randn(*shape, generator=g).to(device), torch.randint(0, classes, (shape[0],), generator=g)
-             .to(device)) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        x = torch.randn(*shape, generator=g)
+        y = torch.randn(shape[0], 1, generator=g) if classes == 0 else torch.randint(0, classes, (shape[0],),
+                                                                                      generator=g)
+        out.append((x.to(device), y.to(device)))
+    return out
 
+
+def tiny_mlp() -> nn.Module:
+    """The tiny MLP of the targets: 32-64-64-1 (index "1" is a parameter-free ReLU)."""
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+
+
+def small_cnn() -> nn.Module:
+    """The small CNN: two conv layers on 32x32 images, 10 classes."""
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+
+
+WORKLOADS = ("noop", "mlp", "cnn", "cnn_compiled")
 
 SIZES = {  # steps per epoch, epochs per fit, rounds
-    ("cpu", False): {"noop": (2000, 3, 5), "mlp": (400, 3, 5), "cnn": (40, 3, 4)},
-    ("cuda", False): {"noop": (2000, 3, 5), "mlp": (600, 3, 5), "cnn": (300, 3, 5)},
-    ("cpu", True): {"noop": (12, 2, 1), "mlp": (6, 2, 1), "cnn": (3, 2, 1)},
-    ("cuda", True): {"noop": (12, 2, 1), "mlp": (6, 2, 1), "cnn": (3, 2, 1)},
+    ("cpu", False): {"noop": (2000, 3, 5), "mlp": (400, 3, 9), "cnn": (40, 3, 4), "cnn_compiled": (40, 3, 4)},
+    ("cuda", False): {"noop": (1000, 3, 3), "mlp": (500, 3, 9), "cnn": (200, 3, 5),
+                      "cnn_compiled": (200, 3, 5)},
+    ("cpu", True): {"noop": (12, 2, 1), "mlp": (6, 2, 1), "cnn": (3, 2, 1), "cnn_compiled": (3, 2, 1)},
+    ("cuda", True): {"noop": (12, 2, 1), "mlp": (6, 2, 1), "cnn": (3, 2, 1), "cnn_compiled": (3, 2, 1)},
 }
 
+COMPILED_CONTENDERS = ("raw", "hookloop", "hookloop full stack")
 
-def make_workloads(device: torch.device, quick: bool, only: list[str] | None = None) -> list[Workload]:
-    """The three workloads at the sizes for ``device`` (tiny with ``quick``)."""
+
+def compile_backend(quick: bool) -> str:
+    """The ``torch.compile`` backend: ``HOOKLOOP_BENCH_COMPILE_BACKEND``, else ``eager``
+    for quick runs (the path is rehearsed without code generation) and ``inductor``."""
+    return os.environ.get("HOOKLOOP_BENCH_COMPILE_BACKEND") or ("eager" if quick else "inductor")
+
+
+def make_workloads(device: torch.device, quick: bool, only: list[str] | None = None
+                   ) -> tuple[list[Workload], dict[str, str]]:
+    """The workloads at the sizes for ``device`` (tiny with ``quick``), and the ones
+    skipped (name to reason: ``torch.compile`` unavailable)."""
     sizes = SIZES[(device.type if device.type == "cuda" else "cpu", quick)]
     torch.manual_seed(0)
     specs = {
         "noop": (nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), (16, 8), 2, True),
-        "mlp": (nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)),
-                (32, 32), 10, False),
-        "cnn": (nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                              nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                              nn.Flatten(), nn.Linear(32 * 8 * 8, 10)), (32, 3, 32, 32), 10, False),
+        "mlp": (tiny_mlp(), (32, 32), 0, False),
+        "cnn": (small_cnn(), (32, 3, 32, 32), 10, False),
     }
     out = []
-    for name, (model, shape, classes, noop) in specs.items():
+    skipped: dict[str, str] = {}
+    for name in WORKLOADS:
         if only and name not in only:
             continue
+        model, shape, classes, noop = specs["cnn" if name == "cnn_compiled" else name]
         steps, epochs, rounds = sizes[name]
         batches = _batches(steps, shape, classes, device)
-        out.append(Workload(name, model.to(device), batches, noop, epochs, rounds, device, val=batches[:1]))
-    return out
+        w = Workload(name, copy.deepcopy(model).to(device), batches, noop, epochs, rounds, device,
+                     val=batches[:1], loss=F.mse_loss if classes == 0 else F.cross_entropy)
+        if name == "cnn_compiled":
+            backend = compile_backend(quick)
+            why = benchlib.compile_unavailable(device, backend)
+            if why is not None:
+                skipped[name] = why
+                log(f"workloads: {name} skipped: {why}")
+                continue
+            w.compile(backend)
+            w.contenders = COMPILED_CONTENDERS
+            w.note = f"torch.compile(backend={backend!r})"
+        out.append(w)
+    return out, skipped
 
 
 # ----------------------------------------------------------------------------- contenders
@@ -138,9 +206,10 @@ def raw(ctx: Ctx, data: Any, epochs: int) -> None:
     model = w.model()
     opt = w.optimizer(model)
     model.train()
+    loss_fn = w.loss
     for _ in range(epochs):
         for x, y in data:
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_fn(model(x), y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -164,11 +233,12 @@ def raw_callbacks(ctx: Ctx, data: Any, epochs: int) -> None:
     model = w.model()
     opt = w.optimizer(model)
     model.train()
+    loss_fn = w.loss
     for _ in range(epochs):
         for i, batch in enumerate(data):
             start(None, batch, i)
             x, y = batch
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_fn(model(x), y)
             before_bw(None, loss)
             loss.backward()
             after_bw(None)
@@ -181,7 +251,7 @@ def raw_callbacks(ctx: Ctx, data: Any, epochs: int) -> None:
 def _hookloop(plugins: Callable[[Ctx], list[Any]]) -> Runner:
     def run(ctx: Ctx, data: Any, epochs: int) -> None:
         w = ctx.work
-        loop = benchlib.hookloop_loop(w.model(), data, plugins=plugins(ctx),
+        loop = benchlib.hookloop_loop(w.model(), data, plugins=plugins(ctx), loss_fn=w.loss,
                                       step_fn=benchlib.noop_step if w.noop else None, val_data=w.val)
         loop.fit(max_epochs=epochs)
 
@@ -190,6 +260,8 @@ def _hookloop(plugins: Callable[[Ctx], list[Any]]) -> Runner:
 
 hookloop_none = _hookloop(lambda ctx: [])
 hookloop_noop = _hookloop(lambda ctx: [NoopPlugin()])
+
+
 class TrackersReady:
     """Waits at fit start until every tracker has opened its run.
 
@@ -223,7 +295,7 @@ def _ignite_update(ctx: Ctx) -> tuple[Callable[[Any, Any], Any], nn.Module, torc
 
     def update(engine: Any, batch: Any) -> torch.Tensor:
         x, y = batch
-        loss = F.cross_entropy(model(x), y)
+        loss = w.loss(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -304,7 +376,7 @@ def _lightning(defaults: bool) -> Runner:
                 if w.noop:
                     return None
                 x, y = batch
-                loss = F.cross_entropy(self.model(x), y)
+                loss = w.loss(self.model(x), y)
                 if defaults:
                     self.log("train/loss", loss)
                 return loss
@@ -431,11 +503,16 @@ def instrumented(c: Contender, ctx: Ctx, steps: int) -> dict[str, Any]:
 
 def bench_workload(w: Workload, contenders: list[Contender], root: Path, stack: benchlib.FullStack,
                    quick: bool) -> dict[str, Any]:
-    """Time, count syncs and measure memory of every contender on one workload."""
+    """Time, count syncs and measure memory of every contender on one workload.
+
+    Per-step figures are medians over rounds with their spread (min..max across
+    rounds); overheads over raw are paired by round."""
     ctx = Ctx(w, root, stack)
     usable = []
     skipped = {}
     for c in contenders:
+        if w.contenders is not None and c.name not in w.contenders:
+            continue
         why = _available(c.needs)
         if why is None and c.run is hookloop_full and not stack.chosen:
             why = "no bundled plugin usable: " + "; ".join(f"{k}: {v[:40]}" for k, v in stack.missing.items())
@@ -443,14 +520,39 @@ def bench_workload(w: Workload, contenders: list[Contender], root: Path, stack: 
             usable.append(c)
         else:
             skipped[c.name] = why
-    samples: dict[str, list[float]] = {c.name: [] for c in usable}
-    walls: dict[str, list[float]] = {c.name: [] for c in usable}
+    out: dict[str, Any] = {"name": w.name, "note": w.note, "steps_per_epoch": len(w.batches),
+                           "epochs": w.epochs, "rounds": w.rounds, "batch_shape": list(w.batches[0][0].shape),
+                           "rows": [], "skipped": skipped}
+    if w.compiled is not None:
+        # compile (forward and backward) once, outside every timed run
+        t0 = time.perf_counter()
+        try:
+            with quiet():
+                raw(ctx, w.batches[:2], 1)
+            benchlib.sync(w.device)
+        except Exception as exc:
+            out["error"] = f"compiling failed: {type(exc).__name__}: {str(exc)[:300]}"
+            log(f"  {w.name}: {out['error']}")
+            return out
+        out["compile_s"] = time.perf_counter() - t0
+        log(f"  {w.name}: compiled in {out['compile_s']:.1f} s")
+    per_round: dict[str, list[float | None]] = {c.name: [] for c in usable}
+    walls: dict[str, list[float | None]] = {c.name: [] for c in usable}
+    all_samples: dict[str, list[float]] = {c.name: [] for c in usable}
     errors: dict[str, str] = {}
     steps = len(w.batches)
+    rounds_run = 0
+    round_s = 0.0
     for r in range(w.rounds):
+        if r > 0 and benchlib.out_of_time(1.5 * round_s):
+            log(f"  {w.name}: time budget: stopping after {r} of {w.rounds} rounds")
+            break
+        t_round = time.perf_counter()
         order = usable[r % len(usable):] + usable[: r % len(usable)]  # rotate: no fixed position
         for c in order:
             if c.name in errors:
+                per_round[c.name].append(None)
+                walls[c.name].append(None)
                 continue
             clock = FetchClock(w.batches, w.device)
             t0 = time.perf_counter()
@@ -460,66 +562,103 @@ def bench_workload(w: Workload, contenders: list[Contender], root: Path, stack: 
             except Exception as exc:
                 errors[c.name] = f"{type(exc).__name__}: {exc}"
                 log(f"  {w.name}/{c.name} failed: {errors[c.name]}")
+                per_round[c.name].append(None)
+                walls[c.name].append(None)
                 continue
             benchlib.sync(w.device)
-            walls[c.name].append((time.perf_counter() - t0) / (steps * w.epochs))
-            samples[c.name] += clock.take()[1:]
-        log(f"  {w.name}: round {r + 1}/{w.rounds} done")
+            walls[c.name].append(1e6 * (time.perf_counter() - t0) / (steps * w.epochs))
+            timed = [t * 1e6 for t in clock.take()[1:]]
+            all_samples[c.name] += timed
+            per_round[c.name].append(statistics.median(timed) if timed else None)
+        rounds_run += 1
+        round_s = time.perf_counter() - t_round
+        log(f"  {w.name}: round {r + 1}/{w.rounds} done ({round_s:.1f} s)")
+    out["rounds_run"] = rounds_run
     sync_steps = 2 * LOG_EVERY + 1 if not quick else 4
-    rows = []
-    raw_row = summarize(samples.get("raw", []))
+    raw_rounds = per_round.get("raw", [])
     raw_mem = None
     for c in usable:
         if c.name in errors:
-            rows.append({"contender": c.name, "error": errors[c.name], "note": c.note})
+            out["rows"].append({"contender": c.name, "error": errors[c.name], "note": c.note})
             continue
-        st = summarize(samples[c.name])
-        try:
-            inst = instrumented(c, ctx, sync_steps)
-            syncs, mem = inst["syncs"], inst["peak_mem_mb"]
-        except Exception as exc:
-            syncs, mem = {"error": f"{type(exc).__name__}: {exc}"}, None
-            log(f"  {w.name}/{c.name} instrumented run failed: {syncs['error']}")
+        diffs = [None if a is None or b is None else a - b for a, b in zip(per_round[c.name], raw_rounds)]
+        pcts = [None if d is None or not b else 100.0 * d / b for d, b in zip(diffs, raw_rounds)]
+        syncs: dict[str, Any] = {}
+        mem = None
+        if benchlib.out_of_time(10.0):
+            syncs = {"error": "not run: time budget"}
+        else:
+            try:
+                inst = instrumented(c, ctx, sync_steps)
+                syncs, mem = inst["syncs"], inst["peak_mem_mb"]
+            except Exception as exc:
+                syncs, mem = {"error": f"{type(exc).__name__}: {exc}"}, None
+                log(f"  {w.name}/{c.name} instrumented run failed: {syncs['error']}")
         if c.name == "raw":
             raw_mem = mem
-        over = None if raw_row["median"] is None else st["median"] - raw_row["median"]
-        rows.append({
-            "contender": c.name, "note": c.note, "us_per_step": st,
-            "overhead_us": over,
-            "overhead_pct": None if over is None else 100.0 * over / raw_row["median"],
-            "fit_wall_us_per_step": summarize(walls[c.name]),
+        over = benchlib.over_rounds(diffs) if raw_rounds else benchlib.over_rounds([])
+        pct = benchlib.over_rounds(pcts) if raw_rounds else benchlib.over_rounds([])
+        row = {
+            "contender": c.name, "note": c.note, "us_per_step": benchlib.over_rounds(per_round[c.name]),
+            "us_per_step_all": summarize(all_samples[c.name], 1.0),
+            "overhead_us": over["median"], "overhead_us_rounds": over,
+            "overhead_pct": pct["median"], "overhead_pct_rounds": pct,
+            "fit_wall_us_per_step": benchlib.over_rounds(walls[c.name]),
             "syncs": syncs, "peak_mem_mb": mem,
-        })
-    for row in rows:
+        }
+        out["rows"].append(row)
+    for row in out["rows"]:
         if row.get("peak_mem_mb") is not None and raw_mem is not None:
             row["peak_mem_diff_mb"] = row["peak_mem_mb"] - raw_mem
-    return {"name": w.name, "steps_per_epoch": steps, "epochs": w.epochs, "rounds": w.rounds,
-            "batch_shape": list(w.batches[0][0].shape), "rows": rows, "skipped": skipped}
+    return out
+
+
+def paired_pct(work: dict[str, Any], who: str, base: str) -> dict[str, Any]:
+    """``who`` over ``base`` in % of ``base``'s step, paired by round (median, spread)."""
+    rows = {r["contender"]: r for r in work["rows"] if "error" not in r}
+    if who not in rows or base not in rows:
+        return benchlib.over_rounds([])
+    a, b = rows[who]["us_per_step"]["rounds"], rows[base]["us_per_step"]["rounds"]
+    return benchlib.over_rounds([None if x is None or y is None or y == 0 else 100.0 * (x - y) / y
+                                 for x, y in zip(a, b)])
 
 
 def workload_targets(result: dict[str, Any], device: torch.device) -> list[Target]:
-    """The suite's targets that come from the workloads."""
+    """The suite's targets that come from the workloads (median over rounds, spread)."""
     out = []
-    by = {w["name"]: {r["contender"]: r for r in w["rows"]} for w in result["workloads"]}
+    works = {w["name"]: w for w in result["workloads"]}
+    by = {name: {r["contender"]: r for r in w["rows"]} for name, w in works.items()}
     missing = result["stack"]["missing"]
     note = ("missing: " + ", ".join(sorted(missing))) if missing else "all bundled plugins"
+    tfr = benchlib.target_from_rounds
 
-    def get(work: str, who: str, key: str) -> Any:
+    def rounds(work: str, who: str, key: str) -> dict[str, Any] | None:
         return by.get(work, {}).get(who, {}).get(key)
 
     if "noop" in by:
-        out.append(Target("noop overhead, hookloop no plugins", get("noop", "hookloop", "overhead_us"), 1.0,
-                          "us/step"))
-        out.append(Target("noop overhead, hookloop full stack",
-                          get("noop", "hookloop full stack", "overhead_us"), 2.0, "us/step", note))
-    if "mlp" in by and device.type == "cpu":
-        out.append(Target("tiny MLP, full stack over raw", get("mlp", "hookloop full stack", "overhead_pct"),
-                          2.0, "% of raw step", note))
-    if "cnn" in by and device.type == "cuda":
-        out.append(Target("small CNN on CUDA, full stack over raw",
-                          get("cnn", "hookloop full stack", "overhead_pct"), 1.0, "% of raw step", note))
+        out.append(tfr("noop overhead, hookloop no plugins", rounds("noop", "hookloop", "overhead_us_rounds"),
+                       1.0, "us/step"))
+        out.append(tfr("noop overhead, hookloop full stack",
+                       rounds("noop", "hookloop full stack", "overhead_us_rounds"), 2.0, "us/step", note))
+    if "mlp" in by:
+        out.append(tfr("tiny MLP, hookloop no plugins over raw",
+                       rounds("mlp", "hookloop", "overhead_pct_rounds"), 3.0, "% of raw step",
+                       "32-64-64-1, batch 32"))
+    cuda_note = f"CUDA only; not measured on {device.type}"
+    for work, label in (("cnn", "small CNN"), ("cnn_compiled", "small CNN, torch.compile")):
+        name = f"CUDA, {label}, full stack over hookloop no plugins"
+        if device.type != "cuda":
+            if work == "cnn":
+                out.append(Target(name, None, 1.0, "% of step", cuda_note))
+            continue
+        if work in works:
+            out.append(tfr(name, paired_pct(works[work], "hookloop full stack", "hookloop"), 1.0, "% of step",
+                           note))
+        else:
+            why = result.get("skipped_workloads", {}).get(work, "")
+            out.append(Target(name, None, 1.0, "% of step", why))
     for work in by:
-        syncs = get(work, "hookloop full stack", "syncs") or {}
+        syncs = by[work].get("hookloop full stack", {}).get("syncs") or {}
         out.append(Target(f"{work}: syncs on non-logging steps, full stack", syncs.get("non_logging_steps"),
                           0, "syncs", note))
     return out
@@ -528,24 +667,37 @@ def workload_targets(result: dict[str, Any], device: torch.device) -> list[Targe
 def run(device: torch.device, quick: bool, root: Path, stack: benchlib.FullStack | None = None,
         only: list[str] | None = None) -> dict[str, Any]:
     """Every workload; returns the JSON-ready result with its targets."""
-    if _available("lightning") is None:
-        import lightning  # noqa: F401  (configures its loggers on import; quiet them after)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    works = make_workloads(device, quick, only)
+    quiet_lightning()
+    works, skipped = make_workloads(device, quick, only)
     if stack is None:
         stack = _resolve(device, root)
-    out: dict[str, Any] = {"stack": stack.as_dict(), "workloads": []}
+    out: dict[str, Any] = {"stack": stack.as_dict(), "workloads": [], "skipped_workloads": skipped}
     for w in works:
+        if w.compiled is not None and benchlib.out_of_time(90.0):
+            skipped[w.name] = "not run: time budget (compiling needs about a minute)"
+            log(f"workloads: {w.name} skipped: time budget")
+            continue
+        if benchlib.out_of_time(5.0):
+            skipped[w.name] = "not run: time budget"
+            continue
         log(f"workloads: {w.name} ({len(w.batches)} steps x {w.epochs} epochs x {w.rounds} rounds)")
         out["workloads"].append(bench_workload(w, CONTENDERS, root, stack, quick))
     out["targets"] = [t.as_dict() for t in workload_targets(out, device)]
     return out
 
 
+def quiet_lightning() -> None:
+    """Import Lightning if installed (it configures its loggers on import), then quiet
+    its loggers."""
+    if _available("lightning") is None:
+        import lightning  # noqa: F401
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _resolve(device: torch.device, root: Path) -> benchlib.FullStack:
     log("workloads: resolving the full bundled stack")
-    w = make_workloads(device, True, ["noop"])[0]
+    w = make_workloads(device, True, ["noop"])[0][0]
 
     def probe(plugins: list[Any]) -> None:
         with quiet():
@@ -559,29 +711,39 @@ def report(result: dict[str, Any]) -> str:
     """The printed table of this script, targets last."""
     lines = []
     for w in result["workloads"]:
-        lines.append(f"workload {w['name']}: batch {w['batch_shape']}, {w['steps_per_epoch']} steps/epoch, "
-                     f"median of {w['rounds']} rounds x {w['epochs'] - 1} epochs (first epoch dropped)")
+        ran = w.get("rounds_run", w["rounds"])
+        lines.append(f"workload {w['name']}{' (' + w['note'] + ')' if w.get('note') else ''}: batch "
+                     f"{w['batch_shape']}, {w['steps_per_epoch']} steps/epoch, median over {ran} rounds"
+                     + (f" (of {w['rounds']} planned; time budget)" if ran < w["rounds"] else "")
+                     + f" of {w['epochs'] - 1} timed epochs each, [min..max] across rounds"
+                     + (f"; compiled in {w['compile_s']:.1f} s" if "compile_s" in w else ""))
+        if w.get("error"):
+            lines.append(f"  failed: {w['error']}")
         rows = []
         for r in w["rows"]:
             if "error" in r:
-                rows.append([r["contender"], "failed: " + r["error"][:60]] + [None] * 7)
+                rows.append([r["contender"], "failed: " + r["error"][:60]] + [None] * 8)
                 continue
             s = r["us_per_step"]
             sy = r["syncs"]
-            rows.append([r["contender"], s["median"], f"{s['p25']:.2f}-{s['p75']:.2f}", r["overhead_us"],
-                         r["overhead_pct"], r["fit_wall_us_per_step"]["median"],
-                         sy.get("in_epoch_per_step"), sy.get("non_logging_steps"), r.get("peak_mem_diff_mb")])
+            rows.append([r["contender"], s["median"], benchlib.rng(s), r["overhead_us"],
+                         benchlib.rng(r["overhead_us_rounds"]), r["overhead_pct"],
+                         benchlib.rng(r["overhead_pct_rounds"]),
+                         r["fit_wall_us_per_step"]["median"], sy.get("non_logging_steps", sy.get("error")),
+                         r.get("peak_mem_diff_mb")])
         for name, why in w["skipped"].items():
-            rows.append([name, "skipped: " + why[:60]] + [None] * 7)
-        lines.append(format_table(rows, ["contender", "us/step", "p25-p75", "over raw us", "over raw %",
-                                         "fit wall us/step", "syncs/step", "non-log syncs", "peak mem +MB"]))
+            rows.append([name, "skipped: " + why[:60]] + [None] * 8)
+        lines.append(format_table(rows, ["contender", "us/step", "[min..max]", "over raw us", "[min..max]",
+                                         "over raw %", "[min..max]", "fit wall us/step", "non-log syncs",
+                                         "peak mem +MB"]))
         lines.append("")
+    for name, why in result.get("skipped_workloads", {}).items():
+        lines.append(f"workload {name}: NOT RUN: {why}")
     if result["stack"]["missing"]:
         lines.append("full stack: missing " + "; ".join(f"{k} ({v[:100]})"
                                                          for k, v in result["stack"]["missing"].items()))
     lines.append("targets:")
-    lines += [Target(**{k: t[k] for k in ("name", "value", "limit", "unit", "note")}).line()
-              for t in result["targets"]]
+    lines += [Target.from_dict(t).line() for t in result["targets"]]
     return "\n".join(lines)
 
 
@@ -590,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    parser.add_argument("--only", nargs="*", help="workload names (noop, mlp, cnn)")
+    parser.add_argument("--only", nargs="*", choices=WORKLOADS, help="workload names")
     parser.add_argument("--out", type=Path, help="folder for workloads.json and plots")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
