@@ -113,9 +113,11 @@ class EarlyStopping:
         ``precision="16-mixed"``.
     :param rollback_source: ``"memory"`` (a copy of the weights and optimizer state at
         fit start and after every finite check) or ``"checkpoint"`` (the last file
-        announced through ``on_checkpoint_saved``).
-    :param max_nonfinite: stop after this many non-finite events in a row (skipped
-        steps, rollbacks).
+        announced through ``on_checkpoint_saved``, read with ``hookloop_checkpoint``'s
+        loader when that is installed, so every format it writes, safetensors included).
+    :param max_nonfinite: stop after this many optimizer steps with non-finite
+        gradients in a row (a finite step resets the count, a finite validation does
+        not), or this many non-finite checks in a row (rollbacks).
     :param strict: raise :class:`MonitorNotFoundError` when the monitor is missing at a
         check; with ``False`` such checks are skipped with one warning.
     :param verbose: print the stop reason (rank 0 only).
