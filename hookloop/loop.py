@@ -77,6 +77,10 @@ class Loop(LoggingAPI, StateAPI):
     :param log_every_n_steps: optimizer steps between two reductions of the logged
         metrics (one host-device sync per interval).
     :param val_every_n_epochs: validate every N epochs (and after the last epoch).
+    :param val_every_n_steps: also validate inside the epoch after every N-th optimizer
+        step (Lightning's ``val_check_interval``), after that step's
+        ``on_train_batch_end`` and ``on_log``; the epoch-end validation is skipped when
+        it would repeat one at the same step.
     :param val_metrics: name to ``fn(output, target) -> scalar tensor`` computed by the
         default validation step and logged as ``val/<name>``.
     :param plugins: plugin objects, installed plugin names, ``(name, options)`` pairs
@@ -115,6 +119,7 @@ class Loop(LoggingAPI, StateAPI):
         grad_clip_value: float | None = None,
         log_every_n_steps: int = 50,
         val_every_n_epochs: int = 1,
+        val_every_n_steps: int | None = None,
         val_metrics: Mapping[str, Callable[[Any, Any], torch.Tensor]] | None = None,
         plugins: Iterable[Any] | Mapping[str, Any] | None = None,
         hparams: Mapping[str, Any] | None = None,
@@ -126,6 +131,7 @@ class Loop(LoggingAPI, StateAPI):
         _positive_int("log_every_n_steps", log_every_n_steps)
         _positive_int("grad_accum", grad_accum)
         _positive_int("val_every_n_epochs", val_every_n_epochs)
+        _positive_int("val_every_n_steps", val_every_n_steps, allow_none=True)
         if step_fn is None and loss_fn is None and train_data is not None:
             raise ValueError("give loss_fn for the default supervised step, or a step_fn")
         if manual_optimization and step_fn is None:
@@ -162,6 +168,7 @@ class Loop(LoggingAPI, StateAPI):
         self.manual_optimization = manual_optimization
         self.log_every_n_steps = log_every_n_steps
         self.val_every_n_epochs = val_every_n_epochs
+        self.val_every_n_steps = val_every_n_steps
         self.val_metrics = dict(val_metrics or {})
         self.user_hparams = dict(hparams or {})
 
@@ -185,6 +192,7 @@ class Loop(LoggingAPI, StateAPI):
         self._resume_rng: dict[str, Any] | None = None
         self._loader_state: dict[str, Any] = {}
         self._epoch_len = -1
+        self._step_validation: tuple[int, dict[str, float]] = (-1, {})  # (step, metrics)
         self._closed = False
         _OPEN_LOOPS.add(self)
 
@@ -390,7 +398,7 @@ class Loop(LoggingAPI, StateAPI):
             if isinstance(result, torch.Tensor):
                 loss = result.detach()
                 outputs = {"loss": loss}
-                if self.step_fn is None:
+                if self.step_fn is None and (stepped or not boundary):  # not a skipped step's
                     self.metrics.record("train/loss", loss)
             else:
                 outputs = result
@@ -511,7 +519,10 @@ class Loop(LoggingAPI, StateAPI):
             validated = self.val_data is not None and (
                 (state.epoch + 1) % self.val_every_n_epochs == 0 or last
             )
-            if validated:
+            done_at, done = self._step_validation
+            if validated and done_at == state.global_step:  # validated at this very step
+                metrics.update(done)
+            elif validated:
                 metrics.update(self._run_validation())
             if self.optim.scheduler_interval == "epoch":
                 self.optim.step_schedulers_per_epoch(metrics, validated)
@@ -584,6 +595,7 @@ class Loop(LoggingAPI, StateAPI):
         device = self.device
         move = device.type != "cpu"
         log_every = self.log_every_n_steps
+        val_every = self.val_every_n_steps if self.val_data is not None else None
         batch_idx = first = state.epoch_batches_done
         train_step = self._train_step
         self._in_batches = True
@@ -608,6 +620,8 @@ class Loop(LoggingAPI, StateAPI):
                 h(self, outputs, batch, batch_idx - 1)
             if log_step:
                 metrics.deliver()
+            if val_every is not None and state.stepped and state.global_step % val_every == 0:
+                self._step_validation = (state.global_step, self._run_validation())
             if self._stop_agreed if distributed else (state.should_stop or self._stop_epoch):
                 break
             if state.max_steps is not None and state.global_step >= state.max_steps:

@@ -400,3 +400,35 @@ def test_deprecated_hooks_name_warns() -> None:
     loop = tiny_loop()
     with pytest.warns(FutureWarning, match="renamed to Loop.callers"):
         assert loop.hooks is loop.callers
+
+
+# ---------------------------------------------------------------------- validation steps
+
+
+@pytest.mark.parametrize(("every", "expected"), [(3, [3, 6, 8, 9, 12, 15, 16]), (4, [4, 8, 12, 16])])
+def test_validation_every_n_steps_runs_inside_the_epoch(every: int, expected: list[int]) -> None:
+    rec = HookRecorder(["on_validation_end", "on_train_epoch_end"])
+    tiny_loop([rec], val_every_n_steps=every).fit(max_epochs=2)
+    assert [c.step for c in rec.of("on_validation_end")] == expected
+    for call in rec.of("on_train_epoch_end"):  # the epoch's validation, run once
+        assert {"val/loss", "val/acc"} <= set(call.kwargs["metrics"])
+
+
+def test_a_skipped_step_does_not_log_its_loss() -> None:
+    kept: list[float] = []
+
+    class SkipOdd:
+        def on_before_optimizer_step(self, loop):
+            if loop.state.batch_idx % 2:
+                loop.skip_optimizer_step()
+
+        def on_train_batch_end(self, loop, outputs):
+            if loop.state.stepped:
+                kept.append(float(outputs["loss"]))
+
+    rec = HookRecorder(["on_log"])
+    loop = tiny_loop([SkipOdd(), rec], val_data=None, log_every_n_steps=100)
+    loop.fit(max_epochs=1)
+    assert loop.state.global_step == 4 and len(kept) == 4
+    epoch = rec.logged()[-1][1]["train/loss_epoch"]
+    assert epoch == pytest.approx(sum(kept) / 4, rel=1e-6)
