@@ -27,9 +27,10 @@ import shutil
 import tempfile
 import threading
 import time
+import traceback
 import warnings
-from collections import Counter
-from collections.abc import Mapping
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,11 @@ from hookloop.plugins import hookimpl
 __all__ = [
     "MASK",
     "SECRET_ENV_VARS",
+    "RecordDropped",
     "Tracker",
     "flatten_config",
     "image_to_hwc_uint8",
+    "mask_argv",
     "mask_secrets",
     "mask_text",
     "sdk_installed",
@@ -85,6 +88,26 @@ def mask_text(text: str, secrets: list[str] | None = None) -> str:
     for value in _secret_values() if secrets is None else secrets:
         text = text.replace(value, MASK)
     return text
+
+
+def mask_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` with secret values masked, and the value after (or in) a secret-looking
+    option (``--api-key X``, ``--token=X``) too."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append(MASK)
+            hide_next = False
+            continue
+        name, eq, _value = arg.partition("=")
+        secret_opt = name.startswith("-") and bool(_SECRET_KEY.search(name.lstrip("-")))
+        if secret_opt and eq:
+            out.append(f"{name}={MASK}")
+        else:
+            out.append(mask_text(arg))
+            hide_next = secret_opt
+    return out
 
 
 def mask_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -144,6 +167,16 @@ def sdk_installed(module: str) -> bool:
 _STOP = object()
 
 
+class RecordDropped(Exception):
+    """Raised by a ``_backend_*`` method that deliberately did not write its record
+    (e.g. a step a resumed run already holds): the record is counted as dropped under
+    ``str(exc)`` (or its kind), neither as recorded nor as a failure."""
+
+
+class _Stale(Exception):
+    """The worker belongs to an earlier fit (or was abandoned at close)."""
+
+
 def _link_or_copy(src: str, dst: str) -> str:
     try:
         os.link(src, dst)
@@ -168,6 +201,10 @@ class Tracker:
         backend call (``_backend_metrics_batch``); 0 writes each ``on_log`` at once.
         Held scalars are written when the interval has passed and before the run is
         closed (at fit end or on a crash); a process killed outright loses them.
+    :param held_size: records logged while no run is open (``loop.log_text`` before
+        ``fit``, ``on_fit_start`` logging of plugins that run before the tracker, a
+        model summary) that are held and delivered, in order, when the next run opens;
+        beyond this bound they are dropped and counted in that run's summary.
     """
 
     hookloop_rank_zero_only = True
@@ -179,6 +216,9 @@ class Tracker:
     uploads_artifacts = True
     """Whether ``_backend_artifact`` reads the file (then it gets a staged copy that
     outlives best-k rotation) or only records the path."""
+    removes_artifacts = False
+    """Whether ``_backend_artifact_removed`` deletes the artifact of a checkpoint the
+    checkpoint plugin rotated away (``on_checkpoint_removed``)."""
 
     def __init__(
         self,
@@ -190,11 +230,14 @@ class Tracker:
         spool_dir: str | os.PathLike[str] | None = None,
         close_timeout: float = 30.0,
         metrics_interval: float = 0.0,
+        held_size: int = 1000,
     ) -> None:
         if histogram_every_n_epochs is not None and histogram_every_n_epochs <= 0:
             raise ValueError(f"histogram_every_n_epochs={histogram_every_n_epochs!r}; expected > 0")
         if queue_size <= 0 or max_failures <= 0:
             raise ValueError(f"queue_size={queue_size!r} and max_failures={max_failures!r} must be > 0")
+        if held_size < 0:
+            raise ValueError(f"held_size={held_size!r}; expected >= 0")
         self.log_hparams = log_hparams
         self.histogram_every_n_epochs = histogram_every_n_epochs
         self.queue_size = queue_size
@@ -204,6 +247,7 @@ class Tracker:
         if metrics_interval < 0:
             raise ValueError(f"metrics_interval={metrics_interval!r}; expected >= 0")
         self.metrics_interval = float(metrics_interval)
+        self.held_size = held_size
         if histogram_every_n_epochs:
             # gradients are cleared after every step: take them once per due epoch, just
             # before the first optimizer step. Defined per instance, so trackers without
@@ -213,6 +257,20 @@ class Tracker:
         self._staging: Path | None = None
         self._queue: queue.Queue[Any] | None = None
         self._thread: threading.Thread | None = None
+        # records logged while no run is open, delivered when the next one opens
+        self._held: deque[tuple[str, tuple[Any, ...], float]] = deque()
+        self._held_dropped: Counter[str] = Counter()
+        self._released = False
+        self._uploaded: set[str] = set()  # announced paths this run uploaded
+        # one worker per fit; only the worker of the current generation touches the
+        # backend (under the lock), so a late worker never writes to the next fit's run
+        self._generation = 0
+        self._backend_lock = threading.Lock()
+        self._owner: int | None = None  # generation whose backend run is open
+        self._close_status: dict[int, tuple[str, float]] = {}
+        self.record_time: float = time.time()
+        """Training-thread wall time (``time.time()``) of the record the worker is
+        writing: backends stamp values with it (worker thread only)."""
         self._reset_counts()
 
     def _reset_counts(self) -> None:
@@ -222,6 +280,7 @@ class Tracker:
         self.spooled: Counter[str] = Counter()
         self.state = "idle"  # idle | running | spooling | disabled | closed
         self.last_error: str | None = None
+        self.last_traceback: str | None = None
         self._consecutive = 0
         self.report: str = ""
 
@@ -229,13 +288,14 @@ class Tracker:
 
     def _backend_open(self, loop_info: dict[str, Any]) -> None:
         """Start the backend run (worker thread). ``loop_info`` has ``rank``,
-        ``world_size``, ``global_step`` and ``resumed``."""
+        ``world_size``, ``global_step``, ``resumed`` and ``time`` (the fit's start on
+        the training thread)."""
 
     def _backend_hparams(self, params: dict[str, Any]) -> None:
         """Record masked hyperparameters."""
 
     def _backend_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Record scalars at ``step``."""
+        """Record scalars at ``step`` (logged at ``self.record_time``)."""
         raise NotImplementedError
 
     def _backend_text(self, name: str, text: str, step: int) -> None:
@@ -250,104 +310,192 @@ class Tracker:
     def _backend_artifact(self, path: str, metrics: dict[str, float]) -> None:
         """Upload a checkpoint file or folder as an artifact."""
 
+    def _backend_artifact_removed(self, path: str) -> None:
+        """The checkpoint ``path`` (as announced) was rotated away: delete its artifact
+        where the backend allows. Called only for paths uploaded by this run."""
+        raise RecordDropped("artifact_removed")
+
     def _backend_flush(self) -> None:
         """Flush buffered writes."""
 
     def _backend_close(self, status: str) -> None:
-        """Finish the run with ``status`` ``"success"`` or ``"failed"``."""
+        """Finish the run with ``status`` ``"success"`` or ``"failed"`` (at
+        ``self.record_time``, the end of fit on the training thread)."""
 
     # ------------------------------------------------------------ worker
 
     def _start(self, loop_info: dict[str, Any]) -> None:
         self._reset_counts()
         self._grads_epoch = -1
+        self._generation += 1  # any worker still alive from an earlier fit is stale now
+        gen = self._generation
         self.state = "running"
-        self._queue = queue.Queue(self.queue_size)
+        q: queue.Queue[Any] = queue.Queue(self.queue_size)
+        self._queue = q
+        self._uploaded = set()
         self._thread = threading.Thread(
-            target=self._work, name=f"hookloop-{self.tracker_name}", daemon=True
+            target=self._work, args=(q, gen), name=f"hookloop-{self.tracker_name}", daemon=True
         )
         self._thread.start()
-        self._put("open", loop_info)
+        self._put("open", loop_info, at=float(loop_info.get("time") or time.time()))
+        held, self._held = self._held, deque()
+        self.dropped.update(self._held_dropped)
+        self._held_dropped = Counter()
+        for kind, args, at in held:
+            self._put(kind, *args, at=at)
 
-    def _put(self, kind: str, *args: Any) -> None:
-        """Queue a record for ``_backend_<kind>(*args)`` on the worker; never blocks."""
+    def _put(self, kind: str, *args: Any, at: float | None = None) -> None:
+        """Queue a record for ``_backend_<kind>(*args)`` on the worker; never blocks.
+        ``at``: when it was logged on the training thread (default: now). While no run
+        is open, up to ``held_size`` records are held for the next one."""
+        at = time.time() if at is None else at
         q = self._queue
-        if q is None or self.state in ("disabled", "closed"):
+        if q is None:
+            if not self._released and len(self._held) < self.held_size:
+                self._held.append((kind, args, at))
+            else:
+                self._held_dropped[kind] += 1
+            return
+        if self.state in ("disabled", "closed"):
             self.dropped[kind] += 1
             return
         try:
-            q.put_nowait((kind, args))
+            q.put_nowait((kind, args, at))
         except queue.Full:
             self.dropped[kind] += 1
 
-    def _work(self) -> None:
-        q = self._queue
-        assert q is not None
-        batch: list[tuple[dict[str, float], int]] = []  # metrics held for one backend call
+    def _work(self, q: queue.Queue[Any], gen: int) -> None:
+        batch: list[tuple[dict[str, float], int, float]] = []  # metrics held for one call
         last = time.monotonic()
-        while True:
-            timeout = max(0.0, last + self.metrics_interval - time.monotonic()) if batch else None
-            try:
-                item = q.get(timeout=timeout)
-            except queue.Empty:
-                item = None
-            if item is None or item is _STOP or item[0] == "close" or self.state != "running":
-                if batch:  # held scalars go out before the run closes
-                    self._call_metrics(batch)
+        try:
+            while True:
+                if gen != self._generation:
+                    raise _Stale
+                wait = last + self.metrics_interval - time.monotonic() if batch else 1.0
+                try:
+                    item = q.get(timeout=max(0.0, min(wait, 1.0)))
+                except queue.Empty:
+                    item = None
+                flush_batch = batch and (
+                    item is _STOP or (item is not None and item[0] == "close")
+                    or self.state != "running"
+                    or time.monotonic() - last >= self.metrics_interval
+                )
+                if flush_batch:  # held scalars go out before the run closes
+                    self._call_metrics(batch, gen)
                     for _ in batch:
                         q.task_done()
                     batch = []
                     last = time.monotonic()
                 if item is None:
                     continue
-            if item is _STOP:
-                q.task_done()
-                return
-            kind, args = item
-            if kind == "metrics" and self.state == "running":
-                batch.append(args)  # task_done once written
-                if time.monotonic() - last >= self.metrics_interval:
-                    self._call_metrics(batch)
-                    for _ in batch:
-                        q.task_done()
-                    batch = []
-                    last = time.monotonic()
-                continue
-            try:
-                if self.state == "running":
-                    self._call(kind, args)
-                elif self.state == "spooling":
-                    self._spool(kind, args)
-                else:
-                    self.dropped[kind] += 1
-            finally:
-                q.task_done()
+                if item is _STOP:
+                    q.task_done()
+                    return
+                kind, args, at = item
+                if kind == "metrics" and self.state == "running":
+                    batch.append((*args, at))  # task_done once written
+                    if time.monotonic() - last >= self.metrics_interval:
+                        self._call_metrics(batch, gen)
+                        for _ in batch:
+                            q.task_done()
+                        batch = []
+                        last = time.monotonic()
+                    continue
+                try:
+                    self._handle(kind, args, at, gen)
+                finally:
+                    q.task_done()
+        except _Stale:
+            self._close_late(gen)
 
-    def _call_metrics(self, batch: list[tuple[dict[str, float], int]]) -> None:
-        if len(batch) == 1:
-            self._call("metrics", batch[0])
+    def _handle(self, kind: str, args: tuple[Any, ...], at: float, gen: int) -> None:
+        if kind == "close":
+            # a degraded tracker stops sending, but the run it opened is still closed
+            if self.state == "spooling":
+                self._spool(kind, args, at)
+            if self._owner == gen:
+                self._call(kind, args, at, gen)
+            elif self.state != "spooling":
+                self.dropped[kind] += 1
+        elif self.state == "running":
+            self._call(kind, args, at, gen)
+        elif self.state == "spooling":
+            self._spool(kind, args, at)
         else:
-            self._call("metrics_batch", (batch,), count_as="metrics", n=len(batch))
+            self.dropped[kind] += 1
 
-    def _backend_metrics_batch(self, records: list[tuple[dict[str, float], int]]) -> None:
-        """Record several ``(metrics, step)`` at once (held for ``metrics_interval``);
-        backends with a batch API override this to make one call."""
-        for metrics, step in records:
+    def _close_late(self, gen: int) -> None:
+        """A worker whose fit already ended (close timed out) or that a new fit
+        replaced: close its own run, if it opened one, and touch nothing else."""
+        with self._backend_lock:
+            if self._owner != gen:
+                return
+            self._owner = None
+            status, at = self._close_status.get(gen, ("failed", time.time()))
+            self.record_time = at
+            try:
+                self._backend_close(status)
+                log.info("hookloop tracker %r closed the run of an earlier fit late (%s)",
+                         self.tracker_name, status)
+            except Exception:
+                log.debug("hookloop tracker %r: late close failed", self.tracker_name, exc_info=True)
+
+    def _call_metrics(self, batch: list[tuple[dict[str, float], int, float]], gen: int) -> None:
+        if self.state != "running":  # degraded while these were held
+            for metrics, step, at in batch:
+                if self.state == "spooling":
+                    self._spool("metrics", (metrics, step), at)
+                else:
+                    self.dropped["metrics"] += 1
+        elif len(batch) == 1:
+            metrics, step, at = batch[0]
+            self._call("metrics", (metrics, step), at, gen)
+        else:
+            self._call("metrics_batch", (batch,), batch[-1][2], gen, count_as="metrics", n=len(batch))
+
+    def _backend_metrics_batch(self, records: list[tuple[dict[str, float], int, float]]) -> None:
+        """Record several ``(metrics, step, time)`` at once (held for
+        ``metrics_interval``); backends with a batch API override this to make one call."""
+        for metrics, step, at in records:
+            self.record_time = at
             self._backend_metrics(metrics, step)
 
-    def _call(self, kind: str, args: tuple[Any, ...], count_as: str | None = None, n: int = 1) -> None:
+    def _call(self, kind: str, args: tuple[Any, ...], at: float, gen: int,
+              count_as: str | None = None, n: int = 1) -> None:
         name = count_as or kind
         try:
-            # a record of kind K is handled by _backend_K; subclasses may queue their own
-            getattr(self, f"_backend_{kind}")(*args)
+            with self._backend_lock:
+                if gen != self._generation:
+                    raise _Stale
+                if kind == "open" and self._owner is not None:
+                    self._close_late_locked()
+                self.record_time = at
+                try:
+                    # a record of kind K is handled by _backend_K; subclasses may queue their own
+                    getattr(self, f"_backend_{kind}")(*args)
+                finally:
+                    if kind == "close":
+                        self._owner = None
+                if kind == "open":
+                    self._owner = gen
+        except _Stale:
+            raise
+        except RecordDropped as exc:
+            if gen == self._generation:
+                self.dropped[str(exc) or name] += n
         except Exception as exc:
+            log.debug("hookloop tracker %r: %s failed", self.tracker_name, name, exc_info=True)
+            if gen != self._generation:  # abandoned meanwhile: its summary is written
+                return
             self.failed[name] += n
             self._consecutive += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            if self._consecutive >= self.max_failures:
+            self.last_error = f"{type(exc).__name__}: {mask_text(str(exc))}"
+            self.last_traceback = mask_text(traceback.format_exc())
+            if self._consecutive >= self.max_failures and self.state == "running":
                 self._degrade()
         else:
-            if kind != "flush":  # a flush proves nothing about the backend
+            if kind != "flush" and gen == self._generation:  # a flush proves nothing
                 self.recorded[name] += n
                 self._consecutive = 0
         finally:
@@ -355,6 +503,16 @@ class Tracker:
                 self._staging
             ):  # uploaded or failed: unstage
                 shutil.rmtree(Path(args[0]).parent, ignore_errors=True)
+
+    def _close_late_locked(self) -> None:
+        """Close a run an earlier fit's worker left open (called under the lock)."""
+        owner, self._owner = self._owner, None
+        status, at = self._close_status.get(owner or 0, ("failed", time.time()))
+        self.record_time = at
+        try:
+            self._backend_close(status)
+        except Exception:
+            log.debug("hookloop tracker %r: late close failed", self.tracker_name, exc_info=True)
 
     def _degrade(self) -> None:
         if self.spool_dir is not None:
@@ -374,14 +532,14 @@ class Tracker:
         assert self.spool_dir is not None
         return self.spool_dir / f"{self.tracker_name}-spool.jsonl"
 
-    def _spool(self, kind: str, args: tuple[Any, ...]) -> None:
-        if kind in ("open", "flush", "image", "histogram"):
+    def _spool(self, kind: str, args: tuple[Any, ...], at: float) -> None:
+        if kind in ("open", "flush", "image", "histogram", "graph", "mesh"):
             self.dropped[kind] += 1
             return
         try:
             assert self.spool_dir is not None
             self.spool_dir.mkdir(parents=True, exist_ok=True)
-            record = {"kind": kind, "time": time.time(),
+            record = {"kind": kind, "time": at,
                       "args": [a if isinstance(a, (str, int, float, dict, list)) else repr(a)
                                for a in args]}
             with self._spool_path().open("a", encoding="utf-8") as fh:
@@ -393,12 +551,14 @@ class Tracker:
             self.last_error = f"spool failed: {exc}"
 
     def _finish(self, status: str) -> None:
-        if self._queue is None or self.state == "closed":
+        if self._queue is None:
             return
-        q, thread = self._queue, self._thread
+        q, thread, gen = self._queue, self._thread, self._generation
+        end = time.time()
+        self._close_status[gen] = (status, end)
         deadline = time.monotonic() + self.close_timeout
         # wait (bounded) for room: the close record must not be dropped from a full queue
-        for record in (("flush", ()), ("close", (status,)), _STOP):
+        for record in (("flush", (), end), ("close", (status,), end), _STOP):
             try:
                 q.put(record, timeout=max(0.0, deadline - time.monotonic()))
             except queue.Full:
@@ -412,6 +572,8 @@ class Tracker:
                     f"{q.qsize()} record(s) abandoned"
                 )
                 self.dropped["pending"] += q.qsize()
+                # the late worker writes nothing more; it only closes its own run
+                self._generation += 1
         if self.state == "running":
             self.state = "closed"
         if self._staging is not None and (thread is None or not thread.is_alive()):
@@ -454,29 +616,41 @@ class Tracker:
 
     # ------------------------------------------------------------ hooks
 
+    def _loop_info(self, loop: Any) -> dict[str, Any]:
+        state = loop.state
+        return {"rank": state.rank, "world_size": state.world_size,
+                "global_step": state.global_step, "resumed": state.global_step > 0,
+                "time": time.time()}
+
     @hookimpl
     def on_fit_start(self, loop: Any) -> None:
-        """Start the worker, open the run and record the masked hyperparameters."""
-        state = loop.state
-        self._start({"rank": state.rank, "world_size": state.world_size,
-                     "global_step": state.global_step, "resumed": state.global_step > 0})
+        """Start the worker, open the run, deliver what was held and record the masked
+        hyperparameters."""
+        self._start(self._loop_info(loop))
         if self.log_hparams:
             self._put("hparams", mask_secrets(loop.hparams))
 
     @hookimpl
-    def on_log(self, metrics: Mapping[str, float], step: int) -> None:
-        """Queue the scalars at ``step``."""
-        self._put("metrics", dict(metrics), step)
+    def on_log(self, metrics: Mapping[str, float], step: int, time: float) -> None:
+        """Queue the scalars at ``step``, stamped with ``time`` (their reduction on the
+        training thread)."""
+        self._put("metrics", dict(metrics), step, at=time)
 
     @hookimpl
-    def on_log_text(self, name: str, text: str, step: int) -> None:
+    def on_log_text(self, name: str, text: str, step: int, time: float) -> None:
         """Queue text (secrets masked)."""
-        self._put("text", name, mask_text(text), step)
+        self._put("text", name, mask_text(text), step, at=time)
 
     @hookimpl
-    def on_log_image(self, name: str, image: Any, step: int) -> None:
+    def on_log_image(self, name: str, image: Any, step: int, time: float) -> None:
         """Queue an image."""
-        self._put("image", name, image, step)
+        self._put("image", name, image, step, at=time)
+
+    @hookimpl
+    def on_log_histogram(self, name: str, values: torch.Tensor, step: int,
+                         time: float) -> None:
+        """Queue a histogram of ``values`` (a CPU copy made by the loop)."""
+        self._put("histogram", name, values, step, at=time)
 
     @hookimpl
     def on_train_epoch_end(self, loop: Any, epoch: int) -> None:
@@ -509,6 +683,16 @@ class Tracker:
             staged = self._stage(Path(path))
             if staged is not None:
                 self._put("artifact", str(staged), dict(metrics))
+        if is_best and self._queue is not None:
+            self._uploaded.add(str(path))
+
+    @hookimpl
+    def on_checkpoint_removed(self, path: str) -> None:
+        """A checkpoint this run uploaded was rotated away (best-k): queue the removal
+        of its artifact, so the backend keeps what the checkpoint folder keeps."""
+        if self.removes_artifacts and self._queue is not None and str(path) in self._uploaded:
+            self._uploaded.discard(str(path))
+            self._put("artifact_removed", str(path))
 
     def _stage(self, path: Path) -> Path | None:
         """Hard-link (or copy) a checkpoint into this tracker's staging folder, so a
@@ -546,8 +730,16 @@ class Tracker:
     @hookimpl
     def on_close(self) -> None:
         """Release what a fit left open (a run not yet finished is closed as failed:
-        nothing ended it) and the staging folder."""
+        nothing ended it), records held for a fit that never came, and the staging
+        folder."""
         self._finish("failed")
+        self._released = True
+        if self._held:
+            self._held_dropped.update(kind for kind, _, _ in self._held)
+            self._held.clear()
+        if self._held_dropped:
+            log.warning("hookloop tracker %r: no run opened after these were logged; dropped %s",
+                        self.tracker_name, dict(self._held_dropped))
         if self._staging is not None and (self._thread is None or not self._thread.is_alive()):
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None

@@ -273,3 +273,131 @@ def test_masking_leaves_ordinary_names_alone() -> None:
                            "auth": "a", "github_token": "t"})
     assert masked == {"max_tokens": 512, "author": "ada", "sort_key": "x", "db_password": MASK,
                       "auth": MASK, "github_token": MASK}
+
+
+# ---------------------------------------------------------------- held records, times, lifecycle
+
+
+class Timed(Memory):
+    """Keeps the training-thread time each record was stamped with."""
+
+    def _do(self, kind: str, *args) -> None:
+        super()._do(kind, *args)
+        if self.records and self.records[-1][0] == kind:
+            self.records[-1] = (*self.records[-1], self.record_time, threading.current_thread())
+
+
+def test_records_logged_before_the_run_opens_are_delivered() -> None:
+    class EarlyLogger:
+        """Registered before the tracker: its on_fit_start runs before the run opens."""
+
+        def on_fit_start(self, loop):
+            loop.log_text("early/fit_start", "from on_fit_start")
+
+    t = Memory()
+    loop = tiny_loop([EarlyLogger(), t])
+    loop.log_text("early/before_fit", "before fit")
+    loop.fit(max_epochs=1)
+    texts = [(r[1], r[2]) for r in t.records if r[0] == "text"]
+    assert texts == [("early/before_fit", "before fit"), ("early/fit_start", "from on_fit_start")]
+    assert [r[0] for r in t.records][0] == "open"  # delivered once the run is open
+    assert t.recorded["text"] == 2 and "dropped none" in t.report
+
+
+def test_held_records_beyond_the_bound_are_counted_as_dropped() -> None:
+    t = Memory(held_size=2)
+    loop = tiny_loop([t])
+    for i in range(5):
+        loop.log_text("early", f"text {i}")
+    with pytest.warns(RuntimeWarning, match="dropped text=3"):
+        loop.fit(max_epochs=1)
+    assert [r[2] for r in t.records if r[0] == "text"] == ["text 0", "text 1"]
+    assert t.dropped["text"] == 3 and "dropped text=3" in t.report
+    with pytest.raises(ValueError, match="held_size=-1"):
+        Memory(held_size=-1)
+
+
+def test_every_record_carries_its_training_thread_time() -> None:
+    from hookloop.testing import HookRecorder
+
+    rec = HookRecorder(["on_log", "on_log_text", "on_fit_start"])
+
+    class Text:
+        def on_train_epoch_end(self, loop, epoch):
+            loop.log_text("epoch", str(epoch))
+
+    t = Timed(metrics_interval=60.0)  # written long after they were logged, in one batch
+    loop = tiny_loop([Text(), rec, t])
+    loop.fit(max_epochs=2)
+    logged = [(c.kwargs["step"], c.kwargs["time"]) for c in rec.calls if c.name == "on_log"]
+    written = [(r[2], r[3]) for r in t.records if r[0] == "metrics"]
+    assert written == logged and len(set(time for _, time in written)) >= 3
+    texts = [c.kwargs["time"] for c in rec.calls if c.name == "on_log_text"]
+    assert [r[4] for r in t.records if r[0] == "text"] == texts
+    opened, closed = t.records[0], t.records[-1]
+    assert opened[0] == "open" and opened[1]["time"] == opened[2]
+    assert opened[2] <= written[0][1] <= written[-1][1] <= closed[2]
+
+
+def test_a_degraded_tracker_still_closes_its_run() -> None:
+    t = Memory(fail={"metrics"}, max_failures=2)
+    with pytest.warns(RuntimeWarning, match="disabled for the rest of the run"):
+        tiny_loop([t]).fit(max_epochs=2)
+    assert t.state == "disabled"
+    assert t.records[-1] == ("close", "success")
+    assert t.recorded["close"] == 1 and t.dropped["metrics"] > 0
+
+
+def test_backend_errors_keep_their_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    t = Memory(fail={"metrics"}, max_failures=100)
+    with caplog.at_level("DEBUG", logger="hookloop.tracking"), pytest.warns(RuntimeWarning):
+        tiny_loop([t]).fit(max_steps=4)
+    assert t.last_traceback is not None and "Traceback" in t.last_traceback
+    assert "in _do" in t.last_traceback and "ConnectionError" in t.last_traceback
+    debug = [r for r in caplog.records if r.levelname == "DEBUG" and r.exc_info]
+    assert debug and "metrics failed" in debug[0].getMessage()
+
+
+def test_a_deliberately_skipped_record_is_dropped_not_recorded() -> None:
+    from hookloop.tracking import RecordDropped
+
+    class Skipping(Memory):
+        def _backend_text(self, name, text, step):
+            raise RecordDropped("text_before_resumed_step")
+
+    t = Skipping()
+    loop = tiny_loop([t])
+    with pytest.warns(RuntimeWarning, match="text_before_resumed_step=1"):
+        loop.fit(max_steps=2)
+        loop.log_text("late", "x")  # held for a next fit
+        loop.fit(max_steps=4)
+    assert "text" not in t.recorded and not t.failed
+
+
+def test_a_late_worker_never_touches_the_next_fits_run() -> None:
+    release = threading.Event()
+
+    class SlowFirstOpen(Timed):
+        opened = 0
+
+        def _backend_open(self, info):
+            self.opened += 1
+            if self.opened == 1:
+                release.wait(30)
+            super()._backend_open(info)
+
+    t = SlowFirstOpen(close_timeout=0.2)
+    loop = tiny_loop([t])
+    with pytest.warns(RuntimeWarning, match="did not finish within 0.2s"):
+        loop.fit(max_epochs=1)
+    release.set()  # the first fit's worker goes on while the second fit runs
+    loop.fit(max_epochs=2)
+    assert t.wait(30)
+    threads = [r[-1] for r in t.records]
+    first, second = threads[0], threads[-1]
+    assert first is not second and set(threads) == {first, second}
+    mine = [r[:2] for r in t.records if r[-1] is first]
+    # the late worker opened its run and closed it with its fit's outcome; nothing else
+    assert mine == [("open", t.records[0][1]), ("close", "success")]
+    assert threads.index(second) > threads.index(first, 1)  # closed before the next run opened
+    assert t.records[-1][:2] == ("close", "success") and t.state == "closed"

@@ -228,7 +228,8 @@ def test_server_killed_mid_training(mlflow_env: Any, mlflow_server: Any, tmp_pat
     assert sum("failed 3 times in a row" in m for m in messages) == 1
     assert tracker.state == "disabled"
     assert tracker.failed["metrics"] == 3
-    assert tracker.dropped["close"] == 1
+    # degraded, it stopped sending, but it still tried to close the run it opened
+    assert tracker.failed["close"] == 1 and "close" not in tracker.recorded
     assert tracker.report in messages
     assert "dropped" in tracker.report and tracker.run_id in tracker.report
 

@@ -358,3 +358,83 @@ def test_best_checkpoint_is_recorded_as_text(tmp_path: Path, read_events: Any) -
 
     tiny_loop([Announce(), TensorBoard(tmp_path)]).fit(max_epochs=2)
     assert _texts(read_events(tmp_path), "checkpoint/best") == [(16, "`ckpt/epoch1.pt` (val/loss=0.4)")]
+
+
+# ---------------------------------------------------------------- through TensorBoard's server
+
+ALL_STATUSES = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
+
+
+def _session_status(server: Any) -> list[str]:
+    body = {"experimentName": "", "allowedStatuses": ALL_STATUSES, "colParams": [],
+            "startIndex": 0, "sliceSize": 100}
+    groups = server.get("/data/plugin/hparams/session_groups", body)["sessionGroups"]
+    return [s["status"] for g in groups for s in g["sessions"]]
+
+
+class Tutorial:
+    """Every SummaryWriter call of PyTorch's TensorBoard tutorial, through hookloop's
+    logging calls: the graph, an image, a histogram and a point cloud at fit start."""
+
+    @hookimpl
+    def on_fit_start(self, loop: Any) -> None:
+        gen = torch.Generator().manual_seed(0)
+        loop.log_graph(torch.rand(2, 4, generator=gen))
+        loop.log_image("samples/grid", torch.rand(3, 8, 8, generator=gen))
+        loop.log_histogram("weights/first", loop.module[0].weight)
+        vertices = torch.rand(1, 12, 3, generator=gen)
+        colors = (torch.rand(1, 12, 3, generator=gen) * 255).to(torch.uint8)
+        loop.log_mesh("cloud", vertices, None, colors)
+
+
+def test_every_dashboard_shows_what_was_logged(tmp_path: Path, tensorboard_server: Any) -> None:
+    log_dir = tmp_path / "tb"
+    tb = TensorBoard(log_dir)
+    loop = tiny_loop([Tutorial(), tb])
+    loop.log_text("notes/before_fit", "logged before the run opened")
+    loop.fit(max_epochs=1)
+    assert not tb.failed and not tb.dropped, tb.report
+
+    server = tensorboard_server(log_dir)
+    plugins = server.get("/data/plugins_listing")
+    for name in ("scalars", "images", "histograms", "distributions", "graphs", "text", "mesh", "hparams"):
+        assert plugins[name]["enabled"], name
+    points = server.get("/data/plugin/scalars/scalars?run=.&tag=train/loss")
+    assert [p[1] for p in points] == [4, 8]
+    assert server.get("/data/plugin/images/tags")["."]["samples/grid"]["samples"] == 1
+    hist = server.get("/data/plugin/histograms/histograms?run=.&tag=weights/first")
+    assert len(hist) == 1 and sum(b[2] for b in hist[0][2]) == 4 * 16
+    assert len(server.get("/data/plugin/distributions/distributions?run=.&tag=weights/first")) == 1
+    graph = server.get("/data/plugin/graphs/graph?run=.")
+    assert "aten::linear" in graph and "aten::relu" in graph
+    assert "notes/before_fit/text_summary" in server.get("/data/plugin/text/tags")["."]
+    text = server.get("/data/plugin/text/text?run=.&tag=notes/before_fit/text_summary")
+    assert "logged before the run opened" in text[0]["text"]
+    assert server.get("/data/plugin/mesh/tags")["."]["cloud"]["samples"] == 1
+    assert _session_status(server) == ["STATUS_SUCCESS"]
+
+
+def test_wall_times_are_the_training_threads(tmp_path: Path, read_events: Any) -> None:
+    rec = HookRecorder(["on_log", "on_log_text", "on_fit_start"])
+
+    class Text:
+        @hookimpl
+        def on_train_epoch_end(self, loop: Any, epoch: int) -> None:
+            loop.log_text("epoch", str(epoch))
+
+    tiny_loop([Text(), rec, TensorBoard(tmp_path)]).fit(max_epochs=2)
+    acc = read_events(tmp_path)
+    logged = {(c.kwargs["step"], c.kwargs["time"]) for c in rec.of("on_log")
+              if "train/loss" in c.kwargs["metrics"]}
+    assert sorted((e.step, e.wall_time) for e in acc.Scalars("train/loss")) == sorted(logged)
+    texts = [c.kwargs["time"] for c in rec.of("on_log_text")]
+    assert [e.wall_time for e in acc.Tensors("epoch/text_summary")] == texts
+
+
+def test_a_resumed_run_shows_its_final_outcome(tmp_path: Path, tensorboard_server: Any) -> None:
+    log_dir = tmp_path / "tb"
+    snap = Snapshot()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tiny_loop([snap, CrashAt(14), TensorBoard(log_dir)]).fit(max_epochs=3)
+    tiny_loop([TensorBoard(log_dir)]).fit(max_epochs=3, resume=snap.state)
+    assert _session_status(tensorboard_server(log_dir)) == ["STATUS_SUCCESS"]

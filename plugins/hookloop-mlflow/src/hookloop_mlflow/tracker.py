@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,20 @@ def _safe_uri(uri: str) -> str:
     return mask_text(re.sub(r"//[^/@]*@", "//", uri))
 
 
+def _source_tags(tags: dict[str, str]) -> dict[str, str]:
+    """``tags`` plus the source and user tags MLflow's own ``start_run`` sets
+    (``mlflow.user``, ``mlflow.source.name``, ``mlflow.source.type``, git commit ...),
+    secrets masked; tags given explicitly win."""
+    try:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        resolved = {str(k): mask_text(str(v))[:_MAX_TAG_VALUE] for k, v in resolve_tags({}).items()}
+    except Exception:  # context providers are best effort, as in MLflow
+        log.debug("hookloop mlflow: could not resolve source tags", exc_info=True)
+        resolved = {}
+    return {**resolved, **tags}
+
+
 def _artifact_name(name: str) -> str:
     return "/".join(_key(part) for part in str(name).split("/") if part not in ("", ".", ".."))
 
@@ -113,6 +127,7 @@ class MLflow(Tracker):
 
     tracker_name = "mlflow"
     hookloop_name = "mlflow"
+    removes_artifacts = True
 
     def __init__(
         self,
@@ -148,6 +163,10 @@ class MLflow(Tracker):
         self.log_checkpoints = log_checkpoints
         self._fixed_id = run_id
         self._resume_id: str | None = None
+        self._resume_key: str | None = None
+        self.run_key: str | None = None
+        """hookloop's own id of the run (tag ``hookloop.run_key``), chosen on the training
+        thread at fit start: checkpoints carry it before MLflow has created the run."""
         self._client: Any = None
         self._entities: Any = None
         self._open_error: str | None = None
@@ -162,12 +181,15 @@ class MLflow(Tracker):
         """The run id and tracking URI, saved in loop checkpoints so that a resume
         continues the same run."""
         uri = _safe_uri(self.resolved_uri) if self.resolved_uri else None
-        return {"run_id": self.run_id, "tracking_uri": uri, "experiment": self.experiment}
+        return {"run_id": self.run_id, "run_key": self.run_key, "tracking_uri": uri,
+                "experiment": self.experiment}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue the run saved by :meth:`state_dict` at the next fit start."""
         if state.get("run_id"):
             self._resume_id = str(state["run_id"])
+        if state.get("run_key"):
+            self._resume_key = str(state["run_key"])
         if self.tracking_uri is None and state.get("tracking_uri"):
             self.tracking_uri = str(state["tracking_uri"])
 
@@ -185,7 +207,8 @@ class MLflow(Tracker):
     def on_fit_start(self, loop: Any) -> None:
         """Choose the run (resumed, given or new), then open it on the worker."""
         self.run_id = self._resume_id or self._fixed_id
-        self._resume_id = None
+        self.run_key = self._resume_key or uuid.uuid4().hex
+        self._resume_id = self._resume_key = None
         self._status_override = None
         self.resolved_uri = self._uri()
         super().on_fit_start(loop)
@@ -233,6 +256,14 @@ class MLflow(Tracker):
             self.save_dir.mkdir(parents=True, exist_ok=True)
         client = client_cls(tracking_uri=uri)
         tags = {_key(k): str(v)[:_MAX_TAG_VALUE] for k, v in mask_secrets(self.tags).items()}
+        if self.run_id is None and self.run_key is not None:
+            # a checkpoint written before the run existed carries only the key
+            self.experiment_id = self._experiment_id(client, default_store, uri)
+            found = client.search_runs(
+                [self.experiment_id], f"tags.`hookloop.run_key` = '{self.run_key}'", max_results=1
+            )
+            if found:
+                self.run_id = found[0].info.run_id
         if self.run_id is not None:
             run = client.get_run(self.run_id)
             self.experiment_id = run.info.experiment_id
@@ -241,9 +272,12 @@ class MLflow(Tracker):
             if tags:
                 client.log_batch(self.run_id, tags=[entities.RunTag(k, v) for k, v in tags.items()])
         else:
-            self.experiment_id = self._experiment_id(client, default_store, uri)
+            self.experiment_id = self.experiment_id or self._experiment_id(client, default_store, uri)
             tags.setdefault("hookloop.world_size", str(loop_info.get("world_size", 1)))
-            run = client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
+            tags["hookloop.run_key"] = str(self.run_key)
+            start = int(float(loop_info.get("time") or self.record_time) * 1000)
+            run = client.create_run(self.experiment_id, start_time=start, run_name=self.run_name,
+                                    tags=_source_tags(tags))
             self.run_id = run.info.run_id
         self._client = client
         self._existing_params = dict(run.data.params)
@@ -287,13 +321,13 @@ class MLflow(Tracker):
         self._existing_params.update({p.key: p.value for p in batch})
 
     def _backend_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._backend_metrics_batch([(metrics, step)])
+        self._backend_metrics_batch([(metrics, step, self.record_time)])
 
-    def _backend_metrics_batch(self, records: list[tuple[dict[str, float], int]]) -> None:
+    def _backend_metrics_batch(self, records: list[tuple[dict[str, float], int, float]]) -> None:
         client, run_id = self._require_run()
         Metric = self._entities.Metric
-        now = int(time.time() * 1000)
-        batch = [Metric(_key(k), float(v), now, int(step)) for metrics, step in records
+        # each value at the time it was logged on the training thread
+        batch = [Metric(_key(k), float(v), int(at * 1000), int(step)) for metrics, step, at in records
                  for k, v in metrics.items()]
         for i in range(0, len(batch), _METRICS_PER_BATCH):
             client.log_batch(run_id, metrics=batch[i : i + _METRICS_PER_BATCH])
@@ -330,6 +364,18 @@ class MLflow(Tracker):
             client.log_artifact(run_id, str(source), "checkpoints")
         client.set_tag(run_id, "hookloop.best_checkpoint", f"checkpoints/{source.name}")
 
+    def _backend_artifact_removed(self, path: str) -> None:
+        """Delete the artifact of a checkpoint the checkpoint plugin rotated away, so
+        the run keeps the same best-k as the checkpoint folder."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        client, run_id = self._require_run()
+        name = Path(path).name
+        target = f"checkpoints/{name}"
+        if not any(f.path == target for f in client.list_artifacts(run_id, "checkpoints")):
+            target = f"checkpoints/{_key(name)}"  # a folder checkpoint
+        get_artifact_repository(client.get_run(run_id).info.artifact_uri).delete_artifacts(target)
+
     def _backend_close(self, status: str) -> None:
         client, run_id = self._require_run()
         final = _STATUS[self._status_override or status]
@@ -337,7 +383,7 @@ class MLflow(Tracker):
             client.log_text(run_id, self.summary(), "hookloop/tracking-summary.txt")
         finally:
             self._client = None
-            client.set_terminated(run_id, status=final)
+            client.set_terminated(run_id, status=final, end_time=int(self.record_time * 1000))
 
     def summary(self) -> str:
         """What was and was not recorded during the last fit, and which run."""

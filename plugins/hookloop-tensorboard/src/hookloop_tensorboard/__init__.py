@@ -73,6 +73,42 @@ def _event_stamp(path: Path) -> str | None:
     return parts[3] if len(parts) > 3 and parts[3].isdigit() else None
 
 
+def _drop_session_end(log_dir: Path) -> None:
+    """Rewrite the event files in ``log_dir`` without their hparams session-end records
+    (each file atomically, under its own name, so the reading order is kept)."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.plugins.hparams.metadata import SESSION_END_INFO_TAG
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    if not log_dir.is_dir():
+        return
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        records = list(RawEventFileLoader(str(path)).Load())
+        kept, changed = [], False
+        for raw in records:
+            event = Event.FromString(raw)
+            values = [v for v in event.summary.value if v.tag != SESSION_END_INFO_TAG]
+            if event.HasField("summary") and len(values) != len(event.summary.value):
+                changed = True
+                if not values:
+                    continue
+                del event.summary.value[:]
+                event.summary.value.extend(values)
+                raw = event.SerializeToString()
+            kept.append(raw)
+        if not changed:
+            continue
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("wb") as fh:
+            writer = RecordWriter(fh)
+            for raw in kept:
+                writer.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+
 class TensorBoard(Tracker):
     """Write scalars, hyperparameters, text, images, histograms and (optionally) the
     model graph to TensorBoard event files in ``log_dir``.
@@ -142,7 +178,6 @@ class TensorBoard(Tracker):
         self._graph_input: tuple[Any, ...] | None = None
         self._graph_hook: Any = None
         self._graph_model: torch.nn.Module | None = None
-        self._graph_pending: Any = None
 
     # ------------------------------------------------------------ backend (worker thread)
 
@@ -177,6 +212,9 @@ class TensorBoard(Tracker):
         self._last_step = step
         purge_step = step + 1 if loop_info.get("resumed") else None
         if purge_step is not None:
+            # TensorBoard keeps the first session end of a run: the crash's would
+            # outlive the resumed session's final outcome
+            _drop_session_end(self.log_dir)
             self._wait_for_sortable_name()
         self._writer = SummaryWriter(
             log_dir=str(self.log_dir),
@@ -202,18 +240,18 @@ class TensorBoard(Tracker):
 
         writer = self._require_writer()
         _exp, ssi, _sei = hparams(flatten_hparams(params), {})
-        writer.file_writer.add_summary(ssi, self._last_step)
+        writer.file_writer.add_summary(ssi, self._last_step, self.record_time)
 
     def _backend_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """One scalar per metric at ``step``."""
+        """One scalar per metric at ``step``, with the time it was logged."""
         writer = self._require_writer()
         for name, value in metrics.items():
-            writer.add_scalar(name, value, step)
+            writer.add_scalar(name, value, step, walltime=self.record_time)
         self._last_step = max(self._last_step, step)
 
     def _backend_text(self, name: str, text: str, step: int) -> None:
         """Text (Markdown) at ``step``."""
-        self._require_writer().add_text(name, text, step)
+        self._require_writer().add_text(name, text, step, walltime=self.record_time)
         self._last_step = max(self._last_step, step)
 
     def _backend_image(self, name: str, image: Any, step: int) -> None:
@@ -226,27 +264,37 @@ class TensorBoard(Tracker):
             formats = {2: "HW", 3: "CHW"}.get(image.dim())
             if formats is None:
                 raise ValueError(f"image {name!r}: expected (C, H, W) or (H, W); got {tuple(image.shape)}")
-            writer.add_image(name, image.float(), step, dataformats=formats)
+            writer.add_image(name, image.float(), step, walltime=self.record_time, dataformats=formats)
         else:
-            writer.add_image(name, image, step, dataformats="HWC")
+            writer.add_image(name, image, step, walltime=self.record_time, dataformats="HWC")
         self._last_step = max(self._last_step, step)
 
     def _backend_histogram(self, name: str, values: torch.Tensor, step: int) -> None:
-        """A histogram of ``values`` at ``step``."""
-        self._require_writer().add_histogram(name, values, step)
+        """A histogram of ``values`` at ``step`` (TensorBoard shows it under
+        histograms and distributions)."""
+        self._require_writer().add_histogram(name, values, step, walltime=self.record_time)
+        self._last_step = max(self._last_step, step)
+
+    def _backend_graph(self, graph: Any) -> None:
+        """Write a graph traced on the training thread (:meth:`on_log_graph`)."""
+        self._require_writer().file_writer.add_graph(graph, self.record_time)
+
+    def _backend_mesh(self, name: str, vertices: torch.Tensor, faces: torch.Tensor | None,
+                      colors: torch.Tensor | None, step: int) -> None:
+        """A point cloud or mesh (TensorBoard's mesh plugin)."""
+        self._require_writer().add_mesh(name, vertices, colors=colors, faces=faces,
+                                        global_step=step, walltime=self.record_time)
+        self._last_step = max(self._last_step, step)
 
     def _backend_artifact(self, path: str, metrics: dict[str, float]) -> None:
         """Record the best checkpoint's path and metrics as text (no artifact store)."""
         shown = ", ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items()))
-        self._require_writer().add_text("checkpoint/best", f"`{path}` ({shown})", self._last_step)
+        self._require_writer().add_text("checkpoint/best", f"`{path}` ({shown})", self._last_step,
+                                        walltime=self.record_time)
 
     def _backend_flush(self) -> None:
-        """Write a traced graph waiting to be written, then flush the event file."""
-        writer = self._require_writer()
-        graph, self._graph_pending = self._graph_pending, None
-        if graph is not None:
-            writer.file_writer.add_graph(graph)
-        writer.flush()
+        """Flush the event file."""
+        self._require_writer().flush()
 
     def _backend_close(self, status: str) -> None:
         """Record the session's end status and close the event file."""
@@ -268,9 +316,10 @@ class TensorBoard(Tracker):
                 meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
                     plugin_name=PLUGIN_NAME, content=content.SerializeToString()))
                 writer.file_writer.add_summary(
-                    Summary(value=[Summary.Value(tag=SESSION_END_INFO_TAG, metadata=meta)]), self._last_step
+                    Summary(value=[Summary.Value(tag=SESSION_END_INFO_TAG, metadata=meta)]),
+                    self._last_step, self.record_time,
                 )
-            writer.add_text("hookloop/status", status, self._last_step)
+            writer.add_text("hookloop/status", status, self._last_step, walltime=self.record_time)
         finally:
             writer.close()
 
@@ -281,7 +330,6 @@ class TensorBoard(Tracker):
         """Open the run; with ``log_graph``, catch the first training input."""
         super().on_fit_start(loop)
         self._graph_input = None
-        self._graph_pending = None
         if self.log_graph and self._graph_hook is None:
             self._graph_model = loop.module
             self._graph_hook = loop.module.register_forward_pre_hook(self._catch_input)
@@ -293,30 +341,48 @@ class TensorBoard(Tracker):
             self._graph_hook = None
 
     @hookimpl
-    def on_log(self, metrics: Mapping[str, float], step: int) -> None:
+    def on_log(self, metrics: Mapping[str, float], step: int, time: float) -> None:
         """Queue the scalars; with ``log_graph``, trace the graph the first time."""
-        super().on_log(metrics, step)
+        super().on_log(metrics, step, time)
         if self._graph_input is not None:
-            self._trace_graph()
+            args, self._graph_input = self._graph_input, None
+            model, self._graph_model = self._graph_model, None
+            if model is not None:
+                self._trace_graph(model, args)
 
-    def _trace_graph(self) -> None:
-        args, self._graph_input = self._graph_input, None
-        model, self._graph_model = self._graph_model, None
-        if model is None or args is None:
-            return
+    @hookimpl
+    def on_log_graph(self, model: torch.nn.Module, example_input: Any) -> None:
+        """Trace ``model`` with ``example_input`` here, on the training thread (in eval
+        mode, without gradients); the worker writes the graph (TensorBoard's graphs
+        plugin). A model that does not trace is counted as a failed graph."""
+        args = example_input if isinstance(example_input, tuple) else (example_input,)
+        self._trace_graph(model, args)
+
+    def _trace_graph(self, model: torch.nn.Module, args: tuple[Any, ...]) -> None:
         try:
             from torch.utils.tensorboard._pytorch_graph import graph
 
-            with torch.no_grad():
-                self._graph_pending = graph(model, args)
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    traced = graph(model, args)
+            finally:
+                model.train(was_training)
         except Exception as exc:  # a model that does not trace must not stop training
             self.failed["graph"] += 1
             self.last_error = f"graph: {type(exc).__name__}: {exc}"
             return
-        self._put("flush")
+        self._put("graph", traced)
 
     @hookimpl
-    def on_log_image(self, name: str, image: Any, step: int) -> None:
+    def on_log_mesh(self, name: str, vertices: torch.Tensor, faces: torch.Tensor | None,
+                    colors: torch.Tensor | None, step: int, time: float) -> None:
+        """Queue a point cloud or mesh (CPU tensors, ``add_mesh`` layout)."""
+        self._put("mesh", name, vertices, faces, colors, step, at=time)
+
+    @hookimpl
+    def on_log_image(self, name: str, image: Any, step: int, time: float) -> None:
         """Queue an image; a matplotlib figure is rendered now, on the calling thread,
         so that later changes to the figure do not race with the writer."""
         if _is_figure(image):
@@ -326,7 +392,7 @@ class TensorBoard(Tracker):
                 self.failed["image"] += 1
                 self.last_error = f"image {name!r}: {type(exc).__name__}: {exc}"
                 return
-        self._put("image", name, image, step)
+        self._put("image", name, image, step, at=time)
 
     def _finish(self, status: str) -> None:
         if self._graph_hook is not None:

@@ -6,6 +6,8 @@ import logging
 import os
 import secrets
 import string
+import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,15 @@ from typing import Any
 import torch
 
 from hookloop.plugins import hookimpl
-from hookloop.tracking import Tracker, image_to_hwc_uint8, mask_secrets, mask_text, sdk_installed
+from hookloop.tracking import (
+    RecordDropped,
+    Tracker,
+    image_to_hwc_uint8,
+    mask_argv,
+    mask_secrets,
+    mask_text,
+    sdk_installed,
+)
 
 __all__ = ["INSTALL_HINT", "WATCH_MODES", "WandB"]
 
@@ -33,6 +43,9 @@ def _import_wandb() -> Any:
     except ImportError as exc:
         raise ImportError(INSTALL_HINT) from exc
     return wandb
+
+
+_ARGV_LOCK = threading.Lock()
 
 
 def _new_run_id() -> str:
@@ -145,6 +158,7 @@ class WandB(Tracker):
         if watch is not None:
             # a per-step hook only when watching: otherwise the tracker adds no cost
             # to steps at all
+            # (it also takes the gradient histograms of histogram_every_n_epochs)
             self.on_before_optimizer_step = self._watch_step
         self._open_error: str | None = None
         self._first_step = 0
@@ -187,6 +201,8 @@ class WandB(Tracker):
         ``watch_log_freq``-th optimizer step, queue CPU copies of the gradients
         (clipped and unscaled) and/or the weights as histograms at the step this
         optimizer step completes. The copies read the device on those steps only."""
+        if self.histogram_every_n_epochs:
+            self._capture_grads(loop)
         step = loop.state.global_step + 1
         if step % self.watch_log_freq or step == self._watched_step:
             return
@@ -234,7 +250,13 @@ class WandB(Tracker):
             )
         kwargs.update(self.init_kwargs)
         try:
-            run = wandb.init(**{k: v for k, v in kwargs.items() if v is not None})
+            # W&B records sys.argv in the run's metadata: mask secrets in it meanwhile
+            with _ARGV_LOCK:
+                argv, sys.argv = sys.argv, mask_argv(sys.argv)
+                try:
+                    run = wandb.init(**{k: v for k, v in kwargs.items() if v is not None})
+                finally:
+                    sys.argv = argv
         except Exception as exc:
             self._open_error = f"{type(exc).__name__}: {mask_text(str(exc))}"
             raise
@@ -251,9 +273,9 @@ class WandB(Tracker):
     def _log(self, kind: str, data: dict[str, Any], step: int) -> None:
         run = self._require_run()
         if step < self._first_step:
-            self.dropped[f"{kind}_before_resumed_step"] += 1
-            return
-        run.log(data, step=step)
+            raise RecordDropped(f"{kind}_before_resumed_step")
+        # _timestamp: when the value was logged on the training thread, not now
+        run.log({**data, "_timestamp": self.record_time}, step=step)
 
     def _backend_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._log("metrics", metrics, step)
