@@ -193,6 +193,8 @@ def bench_fit_overhead(
 ) -> dict[str, Any]:
     """Per-step time of the bare loop and of ``fit`` with 0..16 no-op plugins and with
     the full stack; the first epoch of every fit is warm-up and left out."""
+    from workloads import quiet
+
     batches = noop_batches(steps, device)
     val = batches[:1]
     variants: dict[str, Callable[[], list[Any]]] = {
@@ -215,7 +217,8 @@ def bench_fit_overhead(
             clock = FetchClock(batches, device)
             loop = benchlib.hookloop_loop(noop_model().to(device), clock, plugins=make(),
                                           step_fn=benchlib.noop_step, val_data=val)
-            loop.fit(max_epochs=epochs)
+            with quiet():  # progress bars and summaries of the full stack
+                loop.fit(max_epochs=epochs)
             timed = clock.take()[1:]
             samples[name] += timed
             per_round[name].append(statistics.median(timed) * 1e6)

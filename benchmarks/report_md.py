@@ -27,6 +27,17 @@ def _f(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _rng(stat: dict[str, Any] | None) -> str:
+    """``min..max`` (new layout) or ``p25-p75`` (results written before spreads)."""
+    if not stat:
+        return "-"
+    if stat.get("min") is not None:
+        return f"{_f(stat['min'])}..{_f(stat['max'])}"
+    if stat.get("p25") is not None:
+        return f"{_f(stat['p25'])}-{_f(stat['p75'])} (p25-p75)"
+    return "-"
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
@@ -51,11 +62,18 @@ def render(results: dict[str, Any], rel: str) -> str:
                      + (". Not in it: " + "; ".join(f"{k} ({v[:90]})" for k, v in missing.items())
                         if missing else ". Every bundled plugin was installed.") + "")
         lines.append("")
-    lines += ["### Targets", ""]
+    lines += ["### Targets", "", "Median, and in brackets the spread (min..max) across rounds: a "
+              "difference smaller than the spread is not a result.", ""]
+
+    def measured(t: dict[str, Any]) -> str:
+        text = _f(t["value"], 3) + " " + t["unit"]
+        if t.get("spread") and t["value"] is not None:
+            text += f" [{_f(t['spread'][0], 3)}..{_f(t['spread'][1], 3)}]"
+        return text + (" (spread straddles the limit)" if t.get("inconclusive") else "")
+
     lines += _table(["status", "target", "measured", "limit", "note"],
-                    [[("**MISSED**" if t["status"] == "MISSED" else t["status"]), t["name"],
-                      _f(t["value"], 3) + " " + t["unit"], f"<= {t['limit']:g} {t['unit']}", t["note"] or ""]
-                     for t in results["targets"]])
+                    [[("**MISSED**" if t["status"] == "MISSED" else t["status"]), t["name"], measured(t),
+                      f"<= {t['limit']:g} {t['unit']}", t["note"] or ""] for t in results["targets"]])
     d = results.get("dispatch")
     if d:
         lines += ["", "### One hook call (`on_train_batch_end`), us per call, net of timeit's empty loop "
@@ -67,30 +85,35 @@ def render(results: dict[str, Any], rel: str) -> str:
         f = d["fit"]
         lines += ["", f"### `fit` with a no-op step vs a bare loop ({f['steps_per_epoch']} steps/epoch, "
                   f"{f['rounds']} rounds x {f['epochs'] - 1} timed epochs)", ""]
-        lines += _table(["contender", "us/step (median)", "p25", "p75", "overhead us/step"],
-                        [[r["contender"], r["us_per_step"]["median"], r["us_per_step"]["p25"],
-                          r["us_per_step"]["p75"], r["overhead_us"]] for r in f["rows"]])
+        lines += _table(["contender", "us/step (median)", "spread", "overhead us/step", "spread"],
+                        [[r["contender"], (r.get("us_per_step_rounds") or r["us_per_step"])["median"],
+                          _rng(r.get("us_per_step_rounds") or r["us_per_step"]), r["overhead_us"],
+                          _rng(r.get("overhead_us_rounds"))] for r in f["rows"]])
         lines += ["", "![overhead vs plugins](" + rel + "/overhead_vs_plugins.png)",
                   "![hook call](" + rel + "/dispatch_calls.png)"]
     w = results.get("workloads")
     if w:
         for work in w["workloads"]:
+            note = f", {work['note']}" if work.get("note") else ""
             lines += ["", f"### Workload `{work['name']}` (batch {work['batch_shape']}, "
-                      f"{work['steps_per_epoch']} steps/epoch, {work['rounds']} rounds x "
-                      f"{work['epochs'] - 1} timed epochs)", ""]
+                      f"{work['steps_per_epoch']} steps/epoch, "
+                      f"{work.get('rounds_run', work['rounds'])} rounds x "
+                      f"{work['epochs'] - 1} timed epochs{note})", ""]
             rows = []
             for r in work["rows"]:
                 if "error" in r:
                     rows.append([r["contender"], "failed: " + r["error"][:80]] + ["-"] * 6)
                     continue
                 s = r["us_per_step"]
-                rows.append([r["contender"], s["median"], f"{_f(s['p25'])}-{_f(s['p75'])}", r["overhead_us"],
-                             r["overhead_pct"], r["fit_wall_us_per_step"]["median"],
+                rows.append([r["contender"], s["median"], _rng(s), r["overhead_pct"],
+                             _rng(r.get("overhead_pct_rounds")), r["fit_wall_us_per_step"]["median"],
                              r["syncs"].get("non_logging_steps"), r.get("peak_mem_diff_mb")])
             for name, why in work["skipped"].items():
                 rows.append([name, "skipped: " + why[:80]] + ["-"] * 6)
-            lines += _table(["contender", "us/step", "p25-p75", "over raw us", "over raw %",
+            lines += _table(["contender", "us/step", "spread", "over raw %", "spread",
                              "fit wall us/step", "syncs, non-log steps", "peak mem +MB"], rows)
+        for name, why in w.get("skipped_workloads", {}).items():
+            lines += ["", f"Workload `{name}`: NOT RUN: {why}."]
         lines += ["", "![overhead per step](" + rel + "/overhead_per_step.png)",
                   "![overhead percent](" + rel + "/overhead_percent.png)"]
     c = results.get("checkpoint")
@@ -99,11 +122,38 @@ def render(results: dict[str, Any], rel: str) -> str:
         if c.get("skipped"):
             lines.append(f"Not run: {c['skipped']}.")
         else:
-            lines += _table(["mode", "stall ms (median)", "p25", "p75", "fit-end wait ms"],
-                            [[k, v["stall_ms"]["median"], v["stall_ms"]["p25"], v["stall_ms"]["p75"],
-                              v["fit_end_ms"]] for k, v in c["modes"].items()])
+            rows = [[k, v["stall_ms"]["median"], _rng(v["stall_ms"]), v["fit_end_ms"]]
+                    for k, v in c["modes"].items()]
+            if c.get("memcpy"):
+                rows.append(["memcpy floor (same bytes, preallocated touched buffer)",
+                             c["memcpy"]["ms"]["median"], _rng(c["memcpy"]["ms"]), "-"])
+            lines += _table(["mode", "stall ms (median)", "spread", "fit-end wait ms"], rows)
             for mode, err in c.get("errors", {}).items():
                 lines.append(f"\n{mode} failed: {err}")
+    t = results.get("trackers")
+    if t:
+        lines += ["", "### Trackers (tiny MLP, logging every 50 steps, over no plugins, from fit's call)",
+                  ""]
+        if t.get("skipped"):
+            lines.append(f"NOT RUN: {t['skipped']}.")
+        else:
+            lines += _table(["window", "trackers over none %", "spread"],
+                            [[f"first {t['first_s']:g} s", t["first_pct"]["median"], _rng(t["first_pct"])],
+                             ["steady state", t["steady_pct"]["median"], _rng(t["steady_pct"])]])
+            lines.append(f"\nTrackers: {', '.join(t['trackers'])}"
+                         + (f"; missing: {', '.join(t['missing'])}" if t["missing"] else "") + ".")
+    wf = results.get("wholefit")
+    if wf:
+        lines += ["", f"### Whole fit, {wf['steps']} steps of the tiny MLP, start-up and close included", ""]
+        rows = []
+        for r in wf["rows"]:
+            if "error" in r:
+                rows.append([r["contender"], "failed: " + r["error"][:80], "-", "-", "-"])
+                continue
+            rows.append([r["contender"], r["wall_s"]["median"], _rng(r["wall_s"]), r["over_raw_x"]["median"],
+                         _f((r.get("import_s") or {}).get("median"))])
+        rows += [[name, "skipped: " + why[:80], "-", "-", "-"] for name, why in wf["skipped"].items()]
+        lines += _table(["contender", "wall s", "spread", "x raw", "import s (fresh process)"], rows)
     return "\n".join(lines) + "\n"
 
 
