@@ -274,3 +274,122 @@ def test_keys_are_made_valid() -> None:
     assert _key("train/loss") == "train/loss"
     assert _key("acc@top-5") == "acc_top-5"
     assert _key("/a..b") == "a._b"
+
+
+# ---------------------------------------------------------------- times, tags, artifacts, resume
+
+
+def test_run_and_metric_times_are_training_times(mlflow_env: Any) -> None:
+    import time
+
+    from hookloop.testing import HookRecorder
+
+    rec = HookRecorder(["on_log"])
+    tracker = MLflow(experiment=experiment_name(), save_dir=mlflow_env.store_dir)  # held 5 s
+    before = time.time()
+    loop = tiny_loop([rec, tracker])
+    loop.fit(max_epochs=2)
+    after = time.time()
+    client = MlflowClient(tracking_uri=mlflow_env.uri)
+    run = client.get_run(tracker.run_id)
+    logged = [(c.kwargs["step"], int(c.kwargs["time"] * 1000)) for c in rec.of("on_log")
+              if "train/loss" in c.kwargs["metrics"]]
+    points = sorted((m.step, m.timestamp) for m in client.get_metric_history(tracker.run_id, "train/loss"))
+    assert points == logged and len({t for _, t in points}) == 4
+    assert before * 1000 <= run.info.start_time <= logged[0][1]
+    assert logged[-1][1] <= run.info.end_time <= after * 1000
+
+
+def test_runs_carry_mlflow_source_and_user_tags(mlflow_env: Any) -> None:
+    import getpass
+
+    tracker = MLflow(experiment=experiment_name(), save_dir=mlflow_env.store_dir,
+                     tags={"mlflow.source.name": "train.py"})
+    tiny_loop([tracker]).fit(max_steps=4)
+    run = MlflowClient(tracking_uri=mlflow_env.uri).get_run(tracker.run_id)
+    tags = run.data.tags
+    assert tags["mlflow.user"] == getpass.getuser() == run.info.user_id
+    assert tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.name"] == "train.py"  # given tags win
+    assert tags["hookloop.run_key"] == tracker.run_key
+
+
+def test_artifacts_keep_the_checkpoint_plugins_best_k(mlflow_env: Any, tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    tracker = MLflow(experiment=experiment_name(), save_dir=mlflow_env.store_dir)
+    checkpoint = ("checkpoint", {"dirpath": ckpt, "monitor": "train/loss_epoch", "top_k": 2,
+                                 "save_last": False, "verbose": False})
+    loop = tiny_loop([checkpoint, tracker])
+    loop.fit(max_epochs=4)
+    assert not tracker.failed and tracker.recorded["artifact"] >= 3, tracker.report
+    assert tracker.recorded["artifact_removed"] == tracker.recorded["artifact"] - 2
+    client = MlflowClient(tracking_uri=mlflow_env.uri)
+    uploaded = sorted(Path(p).name for p in artifact_paths(client, tracker.run_id, "checkpoints"))
+    local = sorted(p.name for p in ckpt.glob("*.pt"))
+    assert uploaded == local and len(local) == 2
+    best = client.get_run(tracker.run_id).data.tags["hookloop.best_checkpoint"]
+    assert Path(best).name in local
+
+
+CRASH_SCRIPT = """
+import os, signal, sys, time
+import torch
+from hookloop.plugins import hookimpl
+from hookloop.testing import tiny_loop
+from hookloop_mlflow import MLflow
+
+store, experiment, ckpt, phase = sys.argv[1:5]
+
+
+class SlowOpen(MLflow):
+    # the run is created late (as on a loaded machine): checkpoints come first
+    def _backend_open(self, info):
+        time.sleep(2)
+        super()._backend_open(info)
+
+
+class SaveThenDie:
+    @hookimpl
+    def on_train_epoch_start(self, loop, epoch):
+        if epoch == 0:
+            torch.save(loop.state_dict(), ckpt)
+
+    @hookimpl
+    def on_train_batch_end(self, loop):
+        if loop.state.global_step == 6:
+            loop.get_plugin("mlflow").wait(60)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+if phase == "crash":
+    tiny_loop([SaveThenDie(), SlowOpen(experiment=experiment, save_dir=store)]).fit(max_epochs=2)
+else:
+    tracker = MLflow(experiment=experiment, save_dir=store)
+    tiny_loop([tracker]).fit(max_epochs=2, resume=torch.load(ckpt, weights_only=True))
+    print("RUN", tracker.run_id, tracker.failed, tracker.dropped)
+"""
+
+
+def test_a_killed_run_resumes_in_a_new_process_as_the_same_run(mlflow_env: Any, tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    experiment, ckpt = experiment_name(), tmp_path / "early.pt"
+    args = [sys.executable, str(script), str(mlflow_env.store_dir), experiment, str(ckpt)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_env.uri}
+    crashed = subprocess.run([*args, "crash"], env=env, capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    state = torch.load(ckpt, weights_only=True)["plugins"]["mlflow"]
+    assert state["run_id"] is None and state["run_key"]  # written before the run existed
+
+    resumed = subprocess.run([*args, "resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    client = MlflowClient(tracking_uri=mlflow_env.uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [(r.info.run_id, r.info.status) for r in runs]
+    run = runs[0]
+    assert f"RUN {run.info.run_id}" in resumed.stdout
+    assert run.info.status == "FINISHED" and run.data.tags["hookloop.run_key"] == state["run_key"]
+    assert {s for s, _ in history(client, run.info.run_id, "train/loss")} == {4, 8, 12, 16}
