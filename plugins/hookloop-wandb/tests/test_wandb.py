@@ -247,3 +247,36 @@ def test_watch_records_gradient_and_weight_histograms(wandb_env: Any) -> None:
     # no per-step hook unless watching
     assert loop.pm.plan()["on_before_optimizer_step"].count("wandb") == 1
     assert "wandb" not in tiny_loop([WandB()]).pm.plan()["on_before_optimizer_step"]
+
+
+def test_timestamps_are_training_times_and_argv_is_masked(
+    wandb_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hookloop.testing import HookRecorder
+
+    monkeypatch.setattr(sys, "argv", ["train.py", "--api-key", wandb_env.api_key,
+                                      f"--token={wandb_env.env_token}", "--lr", "0.1"])
+    rec = HookRecorder(["on_log"])
+    tracker = WandB(project="hookloop-tests")
+    tiny_loop([rec, tracker]).fit(max_epochs=2)
+    assert sys.argv[2] == wandb_env.api_key  # restored
+    run = read_offline_run(tracker.run_dir, wait=30)
+    rows = history_by_step(run)
+    last: dict[int, float] = {}  # a step's row holds several on_log calls: the last one's time
+    for c in rec.of("on_log"):
+        last[c.kwargs["step"]] = max(last.get(c.kwargs["step"], 0.0), c.kwargs["time"])
+    for step, stamp in last.items():
+        assert rows[step]["_timestamp"] == pytest.approx(stamp, abs=1e-6), step
+    env = next(r["environment"] for r in run.records if r["type"] == "environment")
+    assert env["args"] == ["--api-key", "***", "--token=***", "--lr", "0.1"]
+    assert wandb_env.grep_secrets() == []
+
+
+def test_watch_and_epoch_histograms_both_reach_wandb(wandb_env: Any) -> None:
+    tracker = WandB(project="hookloop-tests", watch="parameters", watch_log_freq=4,
+                    histogram_every_n_epochs=1)
+    run_plugin(tracker, max_epochs=2)
+    rows = history_by_step(read_offline_run(tracker.run_dir, wait=30))
+    # gradients at each epoch's first optimizer step (global steps 0 and 8)
+    assert {s for s, row in rows.items() if "grads/0.weight._type" in row} == {0, 8}
+    assert {s for s, row in rows.items() if "parameters/0.weight._type" in row} == {4, 8, 12, 16}

@@ -64,6 +64,14 @@ class WandB(Tracker):
     ``latest``) are recorded too. The run finishes with exit code 0 when fit ends and 1
     when it crashes.
 
+    Every row's ``_timestamp`` is the time its values were logged on the training
+    thread (for a step with several ``on_log`` calls, the last one's). ``sys.argv``,
+    which W&B records in the run's environment (``args``), has secret values and the
+    values of secret-looking options masked while the run starts. Best-k: artifact
+    versions are kept (W&B cannot delete them offline); the ``best`` alias always names
+    the newest best checkpoint, so a version the checkpoint plugin rotated away locally
+    loses it.
+
     The run id is part of the plugin's checkpoint state: resuming a fit from a
     checkpoint continues the same run (``resume="allow"``), and records at steps the
     resumed run already holds are dropped and counted instead of making W&B warn about
