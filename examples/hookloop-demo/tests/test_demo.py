@@ -77,6 +77,13 @@ def test_tracker_outputs_exist(ran: tuple[demo.DemoResult, demo.DemoOptions, str
         for stage in ("pretrain", "transfer", "scratch"):
             assert list((result.root / "tensorboard" / stage).glob("events.out.tfevents.*")), stage
         assert "tensorboard --logdir " in out
+        from tensorboard.backend.event_processing import event_accumulator as ea
+
+        acc = ea.EventAccumulator(str(result.root / "tensorboard" / "pretrain"))
+        acc.Reload()
+        tags = acc.Tags()
+        assert "samples/validation" in tags["images"] and acc.Graph().node
+        assert any(t.startswith("weights/") for t in tags["histograms"])
     if "mlflow" in TRACKERS:
         from mlflow.tracking import MlflowClient
 

@@ -319,6 +319,31 @@ class StepProbe:
             self.first = (loop.state.epoch, batch_idx, loop.state.global_step)
 
 
+class Visuals:
+    """What the trackers show beside the scalars: the model graph and a grid of
+    validation digits at fit start, and histograms of every weight at each epoch end
+    (TensorBoard's Graphs, Images, Histograms and Distributions; W&B and MLflow record
+    the images and histograms). The calls cost nothing when no tracker listens."""
+
+    hookloop_name = "visuals"
+
+    def __init__(self, examples: torch.Tensor) -> None:
+        self.examples = examples[:16]
+
+    @hookimpl
+    def on_fit_start(self, loop: Loop) -> None:
+        """Log the graph (traced once with a few examples) and an image grid of them."""
+        loop.log_graph(self.examples)
+        rows = [torch.cat(list(self.examples[i:i + 4, 0]), dim=1) for i in range(0, 16, 4)]
+        loop.log_image("samples/validation", torch.cat(rows, dim=0).unsqueeze(0).clamp(0, 1))
+
+    @hookimpl
+    def on_train_epoch_end(self, loop: Loop) -> None:
+        """Log a histogram of every weight."""
+        for name, param in loop.module.named_parameters():
+            loop.log_histogram(f"weights/{name}", param)
+
+
 # ---------------------------------------------------------------------- trackers
 
 
@@ -428,7 +453,7 @@ def pretrain(opts: DemoOptions, data: DigitSplits, root: Path, trackers: Sequenc
         loss_fn=nn.functional.cross_entropy, val_metrics={"acc": accuracy},
         log_every_n_steps=10, hparams={"stage": "pretrain", "classes": "0-4"},
         plugins=[*_summary(opts.quiet), checkpoint, stopper, *_progress(opts.quiet),
-                 *make_trackers(trackers, root, "pretrain")],
+                 Visuals(data.val[0]), *make_trackers(trackers, root, "pretrain")],
     )
     state = loop.fit(max_epochs=opts.epochs)
     return StageResult("pretrain", test_accuracy(model, data.test), _epochs_done(state),

@@ -127,7 +127,8 @@ class TensorBoard(Tracker):
 
     :param log_dir: directory of the event files (created when needed).
     :param log_graph: record the model graph, traced (on the training thread, in eval
-        mode) with the first training input, at the first log interval.
+        mode) with the first training input, at the first log interval; or call
+        ``loop.log_graph(example_input)`` (:meth:`on_log_graph`).
     :param flush_secs: seconds between automatic flushes of the writer.
     :param max_queue: events the writer buffers before it flushes.
     :param log_hparams: record the masked hyperparameters at fit start.
@@ -137,6 +138,7 @@ class TensorBoard(Tracker):
     :param max_failures: see :class:`hookloop.tracking.Tracker`.
     :param spool_dir: see :class:`hookloop.tracking.Tracker`.
     :param close_timeout: see :class:`hookloop.tracking.Tracker`.
+    :param held_size: see :class:`hookloop.tracking.Tracker`.
     :raises ImportError: with :data:`INSTALL_HINT` when ``tensorboard`` is not installed.
     """
 
@@ -157,6 +159,7 @@ class TensorBoard(Tracker):
         max_failures: int = 3,
         spool_dir: str | os.PathLike[str] | None = None,
         close_timeout: float = 30.0,
+        held_size: int = 1000,
     ) -> None:
         if importlib.util.find_spec("tensorboard") is None:
             raise ImportError(INSTALL_HINT)
@@ -167,6 +170,7 @@ class TensorBoard(Tracker):
             max_failures=max_failures,
             spool_dir=spool_dir,
             close_timeout=close_timeout,
+            held_size=held_size,
         )
         self.log_dir = Path(log_dir)
         self.log_graph = log_graph
