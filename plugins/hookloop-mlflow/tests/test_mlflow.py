@@ -370,6 +370,7 @@ else:
 """
 
 
+@pytest.mark.slow  # two subprocesses that import MLflow (about 20 s)
 def test_a_killed_run_resumes_in_a_new_process_as_the_same_run(mlflow_env: Any, tmp_path: Path) -> None:
     import os
     import subprocess
