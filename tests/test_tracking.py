@@ -300,7 +300,7 @@ def test_records_logged_before_the_run_opens_are_delivered() -> None:
     loop.fit(max_epochs=1)
     texts = [(r[1], r[2]) for r in t.records if r[0] == "text"]
     assert texts == [("early/before_fit", "before fit"), ("early/fit_start", "from on_fit_start")]
-    assert [r[0] for r in t.records][0] == "open"  # delivered once the run is open
+    assert t.records[0][0] == "open"  # delivered once the run is open
     assert t.recorded["text"] == 2 and "dropped none" in t.report
 
 
