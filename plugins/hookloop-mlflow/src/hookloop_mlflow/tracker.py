@@ -97,9 +97,22 @@ class MLflow(Tracker):
       ``KeyboardInterrupt``; a crash never leaves the run ``RUNNING`` (unless the
       tracking server itself is unreachable by then, which the summary reports).
 
-    The run id is part of the plugin's checkpoint state: resuming a fit continues the
-    same run; params that already hold a different value (e.g. ``max_epochs``) are
-    left as they are, as MLflow forbids changing them.
+    The run is keyed by an id of hookloop's own, ``run_key``, chosen on the training
+    thread at fit start (no MLflow call there: creating the run takes seconds on the
+    worker) and stored as the run tag ``hookloop.run_key``. The key and, once known, the
+    run id are the plugin's checkpoint state, so every checkpoint identifies the run,
+    even one written before MLflow created it: resuming (in this process or a new one)
+    continues the same run, found by id or else by key. Params that already hold a
+    different value (e.g. ``max_epochs``) are left as they are, as MLflow forbids
+    changing them. A process killed before the worker created the run leaves no run;
+    its resume creates the run under the same key.
+
+    Times: the run's start and end times are the fit's start and end on the training
+    thread, and every metric's timestamp is when its value was logged there (not when
+    the worker wrote it). Runs carry the source and user tags MLflow's ``start_run``
+    sets (``mlflow.user``, ``mlflow.source.name``, ``mlflow.source.type``, git commit).
+    Checkpoint artifacts follow the checkpoint plugin's best-k: a rotated checkpoint's
+    artifact is deleted (``on_checkpoint_removed``).
 
     HTTP tracking servers: MLflow retries a failed request up to
     ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` times with back-off and waits
