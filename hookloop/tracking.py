@@ -9,7 +9,17 @@ a bounded queue, so a slow, failing or hanging backend never blocks or kills tra
   the remaining records as JSON lines under ``spool_dir`` when one is set, else to
   disabled; one warning says so;
 - at the end of fit (or on a crash) the run is closed with status ``"success"`` or
-  ``"failed"`` and a summary says what was and was not recorded.
+  ``"failed"`` and a summary says what was and was not recorded; a degraded tracker
+  stops sending but still closes the run it opened;
+- records logged while no run is open (before ``fit``, or by plugins that run before
+  the tracker at fit start) are held, up to ``held_size``, and delivered when the run
+  opens; the rest are counted as dropped in that fit's summary;
+- every record carries the training-thread time it was logged at (``on_log``'s
+  ``time``); backends stamp values with ``self.record_time``, not the write time;
+- one worker per fit: a worker that outlives ``close_timeout`` writes nothing more and
+  only closes its own run (backend calls are serialised and checked against the fit's
+  generation), so it never touches the next fit's run. Backend tracebacks are kept
+  (``last_traceback``) and logged at DEBUG.
 
 Subclasses implement the ``_backend_*`` methods, which run on the worker thread only.
 Configuration values whose keys look like secrets, and values of secret environment
