@@ -180,10 +180,13 @@ def test_entry_point_and_checkpoint_content(tmp_path: Path) -> None:
     loop = tiny_loop({"checkpoint": {"dirpath": str(tmp_path), "filename": "c{epoch}"}}.items())
     loop.fit(max_epochs=1)
     ck = torch.load(tmp_path / "c0.pt", weights_only=True)
-    assert ck["format"] == "hookloop.loop/1"
+    from hookloop.resume import STATE_FORMAT
+
+    assert ck["format"] == STATE_FORMAT
     assert {"model", "optimizers", "schedulers", "rng", "loop", "plugins", "metrics_pending"} <= set(ck)
     assert ck["checkpoint"]["format"] == "hookloop.checkpoint/1" and ck["checkpoint"]["version"] == 1
-    assert ck["plugins"]["checkpoint"]["entries"][0]["name"] == "c0"
+    (state,) = ck["plugins"].values()  # keyed by the plugin's state_key
+    assert state["entries"][0]["name"] == "c0"
     assert "val/acc" in ck["checkpoint"]["metrics"]
 
 

@@ -28,9 +28,11 @@ __all__ = [
     "cleanup_tmp_files",
     "file_digest",
     "fsync_dir",
+    "missing_fields",
     "read_manifest",
     "render_filename",
     "sanitize_name",
+    "template_fields",
     "write_manifest",
 ]
 
@@ -164,11 +166,12 @@ def sanitize_name(name: str, max_len: int = 150) -> str:
 
     Characters other than letters, digits and ``._=+-`` become ``_``, so a metric
     named ``val/loss`` or a template like ``../../x`` or ``/abs/path`` can never
-    name a file outside the checkpoint directory.
+    name a file outside the checkpoint directory. A leading ``-`` is kept: it is the
+    sign of a score (``-0.5000`` and ``0.5000`` are different checkpoints).
     """
     name = _UNSAFE.sub("_", name)
     name = re.sub(r"\.{2,}", "_", name)
-    name = name.lstrip(".-_") or "checkpoint"
+    name = name.lstrip("._") or "checkpoint"
     return name[:max_len]
 
 
@@ -184,6 +187,52 @@ def _format_value(value: Any, spec: str, conversion: str | None) -> str:
     return format(value, spec)
 
 
+BUILTIN_FIELDS = ("epoch", "step")
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names of a filename template, checked: raises ``ValueError`` naming the
+    template and the field for a malformed one.
+
+    Refused: unbalanced braces, positional fields (``{}``, ``{0}``), attribute or index
+    access on ``epoch``/``step`` (``{epoch.real}``, ``{step[0]}``), indexing anywhere
+    (``{a[0]}``) and nested specs (``{val/loss:{w}}``). A dotted name such as
+    ``{val.loss}`` is a metric name, looked up whole.
+    """
+    fields = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"filename template {template!r} is malformed ({exc}); escape a literal "
+                         f"brace as '{{{{' or '}}}}'") from exc
+    for _literal, field, spec, _conversion in parsed:
+        if field is None:
+            continue
+        problem = None
+        if field == "" or field.isdigit():
+            problem = "positional fields are not supported"
+        elif "[" in field or "]" in field:
+            problem = "indexing is not supported"
+        elif field.split(".", 1)[0] in BUILTIN_FIELDS and "." in field:
+            problem = "attribute access is not supported"
+        elif spec and ("{" in spec or "}" in spec):
+            problem = "nested format specs are not supported"
+        if problem:
+            raise ValueError(
+                f"filename template {template!r}: field {{{field}}}: {problem}; name a field "
+                f"as {{epoch}}, {{step}} or a logged metric such as {{val/loss:.4f}}"
+            )
+        fields.append(field)
+    return fields
+
+
+def missing_fields(template: str, namespace: Mapping[str, Any]) -> list[str]:
+    """The fields of ``template`` that ``namespace`` cannot fill (``val_loss`` fills
+    from ``val/loss``)."""
+    names = set(namespace) | {k.replace("/", "_") for k in namespace}
+    return [f for f in template_fields(template) if f not in names]
+
+
 def render_filename(template: str, namespace: Mapping[str, Any]) -> str:
     """Render a filename template such as ``"{epoch:03d}-{step}-{val/loss:.4f}"``.
 
@@ -191,6 +240,7 @@ def render_filename(template: str, namespace: Mapping[str, Any]) -> str:
     ``val_loss`` accepted for ``val/loss``; a metric that is not available renders
     as ``na``. The result is passed through :func:`sanitize_name`.
     """
+    template_fields(template)  # a malformed template raises, naming itself
     lookup = dict(namespace)
     for key, value in list(lookup.items()):
         lookup.setdefault(key.replace("/", "_"), value)

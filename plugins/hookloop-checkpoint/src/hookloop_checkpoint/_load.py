@@ -23,6 +23,8 @@ __all__ = [
     "CorruptCheckpointError",
     "LoadResult",
     "UnsafeCheckpointError",
+    "WeightsOnlyCheckpointError",
+    "align_compiled_keys",
     "best_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
@@ -54,6 +56,35 @@ class UnsafeCheckpointError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError, RuntimeError):
     """The weights do not fit the model: missing, unexpected or differently shaped keys."""
+
+
+class WeightsOnlyCheckpointError(CheckpointError):
+    """A checkpoint saved with ``weights_only=True`` was asked to resume a run; it holds
+    only the model's weights (load them with :func:`load`)."""
+
+
+COMPILED_PREFIX = "_orig_mod."
+
+
+def align_compiled_keys(state: Mapping[str, Any], model_keys: Any) -> dict[str, Any]:
+    """Rename the keys of a model ``state`` to those of a model whose ``state_dict``
+    has ``model_keys``, when they differ only by ``torch.compile``'s ``_orig_mod.``
+    segments (a compiled model's checkpoint into a plain model, or the other way round,
+    also for a compiled submodule). Any other difference is left for the caller to
+    report; ``state`` is returned unchanged when nothing needs renaming.
+    """
+    own = list(model_keys)
+    if set(state) == set(own):
+        return dict(state)
+    if not any(COMPILED_PREFIX in k for k in (*state, *own)):
+        return dict(state)
+    target = {k.replace(COMPILED_PREFIX, ""): k for k in own}
+    if len(target) != len(own):
+        return dict(state)  # ambiguous: leave it
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        out[target.get(k.replace(COMPILED_PREFIX, ""), k)] = v
+    return out if len(out) == len(state) else dict(state)
 
 
 @dataclass
@@ -140,7 +171,7 @@ def _read_file(path: Path, map_location: Any, verified: bool = False) -> dict[st
         if weights:
             from safetensors.torch import load_file
 
-            wpath = path.parent / weights
+            wpath = _weights_path(path, weights)
             try:
                 device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
                 ckpt["model"] = load_file(wpath, device=device)
@@ -150,6 +181,26 @@ def _read_file(path: Path, map_location: Any, verified: bool = False) -> dict[st
                 raise CorruptCheckpointError(f"{wpath}: damaged safetensors file: {exc}") from exc
         meta["path"] = str(path)  # type: ignore[index]
     return ckpt
+
+
+def _weights_path(path: Path, weights: Any) -> Path:
+    """The weights file a checkpoint names, refused unless it is a plain file name in
+    the checkpoint's own folder (a crafted ``../../etc/passwd`` is never opened)."""
+    if (not isinstance(weights, str) or not weights or weights in (".", "..")
+            or Path(weights).name != weights or "/" in weights or "\\" in weights
+            or weights.startswith(".")):
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: its weights_file {weights!r} is not a plain file name in "
+            f"{path.parent}; a checkpoint may only name a file beside it. Nothing was opened; "
+            f"check where this checkpoint came from"
+        )
+    wpath = path.parent / weights
+    if wpath.resolve().parent != path.parent.resolve():
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: its weights_file {weights!r} resolves to {wpath.resolve()}, "
+            f"outside {path.parent}. Nothing was opened; check where this checkpoint came from"
+        )
+    return wpath
 
 
 def _try_manifest(directory: Path) -> dict[str, Any] | None:
@@ -193,7 +244,7 @@ def best_checkpoint(dirpath: str | Path) -> Path | None:
     return Path(dirpath) / manifest["best"]
 
 
-def _scan(directory: Path, map_location: Any) -> dict[str, Any]:
+def _scan(directory: Path, map_location: Any, weights_ok: bool = False) -> dict[str, Any]:
     candidates = sorted((p for p in directory.glob("*.pt") if not p.name.endswith(".model.pt")),
                         key=lambda p: p.stat().st_mtime, reverse=True)
     errors = []
@@ -203,7 +254,9 @@ def _scan(directory: Path, map_location: Any) -> dict[str, Any]:
         except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
             errors.append(str(exc))
             continue
-        if isinstance(ckpt.get("checkpoint"), Mapping) and "format" in ckpt:
+        if not weights_ok and _is_weights_only(ckpt):
+            continue
+        if isinstance(ckpt.get("checkpoint"), Mapping) and ("format" in ckpt or weights_ok):
             if errors:
                 warnings.warn(f"hookloop-checkpoint: skipped damaged files: {errors}", RuntimeWarning,
                               stacklevel=3)
@@ -231,20 +284,45 @@ def load_checkpoint(
         nothing in it runs. Loading always uses ``torch.load(weights_only=True)``.
     :raises CorruptCheckpointError: a single file given by path is damaged.
     """
+    return _load_any(path, map_location, which, weights_ok=False)
+
+
+def _is_weights_only(ckpt: Mapping[str, Any]) -> bool:
+    meta = ckpt.get("checkpoint")
+    return isinstance(meta, Mapping) and bool(meta.get("weights_only"))
+
+
+def _load_any(path: str | Path, map_location: Any, which: str, *, weights_ok: bool) -> dict[str, Any]:
+    """:func:`load_checkpoint`; ``weights_ok`` also accepts (and, in a folder, picks)
+    checkpoints saved with ``weights_only=True``."""
     if which not in ("latest", "best"):
         raise ValueError(f"which={which!r}; expected 'latest' or 'best'")
     path = Path(path)
     if not path.is_dir():
         if not path.exists():
             raise CheckpointNotFoundError(f"{path}: no such checkpoint file or directory")
-        return _read_file(path, map_location)
+        ckpt = _read_file(path, map_location)
+        if not weights_ok and _is_weights_only(ckpt):
+            raise WeightsOnlyCheckpointError(
+                f"{path}: holds only the model's weights (saved with weights_only=True), not a "
+                f"loop state to resume: load the weights with hookloop_checkpoint.load({str(path)!r}, "
+                f"model), or resume from a full checkpoint")
+        return ckpt
     manifest = _try_manifest(path)
     if manifest is None:
-        return _scan(path, map_location)
+        return _scan(path, map_location, weights_ok)
     entries = sorted(manifest.get("checkpoints", []), key=lambda e: e.get("seq", 0), reverse=True)
     if which == "best" and manifest.get("best"):
         best = [e for e in entries if e.get("primary") == manifest["best"]]
         entries = best + [e for e in entries if e not in best]
+    if not weights_ok:
+        partial = [e for e in entries if e.get("weights_only")]
+        entries = [e for e in entries if not e.get("weights_only")]
+        if partial and not entries:
+            raise WeightsOnlyCheckpointError(
+                f"{path}: every checkpoint the manifest lists ({len(partial)}) holds only the "
+                f"model's weights (weights_only=True); none can resume a run. Load weights with "
+                f"hookloop_checkpoint.load({str(path)!r}, model)")
     if not entries:
         raise CheckpointNotFoundError(f"{path}: the manifest lists no checkpoint")
     errors = []
@@ -308,14 +386,17 @@ def load(
         mismatches.
     :raises UnsafeCheckpointError: the file carries a pickle payload (never executed).
     """
-    ckpt = load_checkpoint(path, map_location, which=which)
+    ckpt = _load_any(path, map_location, which, weights_ok=True)
     meta = ckpt.get("checkpoint")
     source = Path(meta["path"]) if isinstance(meta, Mapping) and "path" in meta else Path(path)
     state = _model_state(ckpt, source)
+    if not prefix:  # a torch.compile'd model's weights into a plain one, or back
+        state = align_compiled_keys(state, model.state_dict().keys())
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:
             raise CheckpointMismatchError(f"{source}: no key starts with prefix {prefix!r}")
+        state = align_compiled_keys(state, model.state_dict().keys())
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -342,6 +423,10 @@ def load(
         state.pop(k)
     model.load_state_dict(state, strict=False)
     if optimizer is not None:
+        if _is_weights_only(ckpt):
+            raise WeightsOnlyCheckpointError(
+                f"{source}: saved with weights_only=True, it holds no optimizer state; call load() "
+                f"without optimizer, or use a full checkpoint")
         opts = ckpt.get("optimizers") or ([ckpt["optimizer_state_dict"]] if "optimizer_state_dict" in ckpt
                                           else [])
         if not opts:

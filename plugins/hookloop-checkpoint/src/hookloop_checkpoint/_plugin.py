@@ -8,9 +8,11 @@ import difflib
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -23,19 +25,28 @@ from hookloop.errors import MonitorNotFoundError
 from hookloop.plugins import hookimpl
 from hookloop.resume import state_key
 from hookloop_checkpoint._io import (
+    _TMP_RE,
+    BUILTIN_FIELDS,
     MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    TMP_MARK,
     atomic_write,
     cleanup_tmp_files,
     fsync_dir,
+    missing_fields,
     read_manifest,
     render_filename,
+    sanitize_name,
+    template_fields,
     write_manifest,
 )
 from hookloop_checkpoint._load import (
     CHECKPOINT_FORMAT,
+    COMPILED_PREFIX,
     FORMAT_VERSION,
     CheckpointError,
     CheckpointNotFoundError,
+    align_compiled_keys,
     load_checkpoint,
 )
 
@@ -113,6 +124,38 @@ def _cpu_copy(obj: Any) -> Any:
     return obj
 
 
+def _plain_keys(model_state: Mapping[str, Any]) -> dict[str, Any]:
+    """Model keys as the uncompiled model names them (``torch.compile`` adds
+    ``_orig_mod.``), so a checkpoint loads into a compiled model and a plain one alike."""
+    if not any(COMPILED_PREFIX in k for k in model_state):
+        return dict(model_state)
+    plain = {k.replace(COMPILED_PREFIX, ""): v for k, v in model_state.items()}
+    return plain if len(plain) == len(model_state) else dict(model_state)
+
+
+def _alias(fname: str, name: str, last_name: str) -> str:
+    """The stable-name counterpart of one file of checkpoint ``name``."""
+    return last_name + fname[len(name):]
+
+
+def _link_atomic(src: Path, dst: Path) -> None:
+    """Make ``dst`` the same file as ``src``: a hard link (a copy where the file system
+    has none) put in place with ``os.replace``, so ``dst`` is never missing or partial."""
+    tmp = dst.parent / f".{dst.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex}"
+    try:
+        os.link(src, tmp)
+    except OSError:
+        with open(src, "rb") as f:
+            atomic_write(tmp, lambda out: shutil.copyfileobj(f, out))
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(dst.parent)
+
+
 def _signum(sig: int | str | signal.Signals) -> int:
     if isinstance(sig, str):
         name = sig.upper() if sig.upper().startswith("SIG") else f"SIG{sig.upper()}"
@@ -147,8 +190,12 @@ class Checkpoint:
         seconds since the previous save.
     :param filename: template of the checkpoint name, with ``{epoch}`` (zero-based),
         ``{step}`` (global step) and any metric by its name (``{val/loss:.4f}``, or
-        ``{val_loss}``); unknown metrics render as ``na``. Names are sanitised to plain
-        file names inside ``dirpath``; a clash gets ``-v1``, ``-v2``...
+        ``{val_loss}``). A malformed template (``{}``, ``{0}``, ``{epoch.real}``) raises
+        ``ValueError`` here; a metric that is still missing once every metric had its
+        chance (an epoch end with its validation) raises :class:`MonitorNotFoundError`
+        listing the logged metrics; before that (a step save ahead of the first
+        validation) it renders ``na``. Names are sanitised to plain file names inside
+        ``dirpath`` (a score's ``-`` sign is kept); a clash gets ``-v1``, ``-v2``...
     :param format: ``"torch"`` (one ``.pt`` file) or ``"safetensors"`` (the weights in
         ``<name>.safetensors``, the rest of the state in ``<name>.pt``).
     :param save_model: also write the whole model object with ``torch.save(model)`` to
@@ -172,6 +219,20 @@ class Checkpoint:
         ``SystemExit(128 + signum)`` (143 for SIGTERM) at the end of fit; with
         ``False`` fit returns with ``state.stop_reason`` naming the signal.
     :param verbose: log each save at INFO level (path, metric, size).
+    :param last_name: also keep ``<last_name>.pt`` (e.g. ``"last"``) as the newest
+        checkpoint under a stable name: a hard link to it (a copy where the file system
+        has none), replaced atomically after each save. It survives the rotation of the
+        file it points at. Not listed as a checkpoint of its own.
+    :param save_on_exception: when fit raises (including ``KeyboardInterrupt``), save
+        the state at that moment (always kept, named by ``filename``, the manifest entry
+        marked ``"reason": "exception"``). Only in one process: under DDP the other
+        ranks cannot join a collective save, so it logs why it did not save.
+    :param weights_only: save only the model's ``state_dict`` (no optimizer, counters,
+        RNG or plugin state). Such a checkpoint loads with :func:`hookloop_checkpoint.load`
+        but never resumes a run: ``load_checkpoint`` and ``resume="latest"`` skip it.
+    :param enable_version_counter: ``True`` (default): a name that is taken gets
+        ``-v1``, ``-v2``...; ``False``: the new checkpoint replaces the file of that name
+        (atomically; the replaced checkpoint leaves the manifest).
     """
 
     hookloop_name = "checkpoint"
@@ -198,6 +259,10 @@ class Checkpoint:
         signals: Iterable[int | str] = ("SIGTERM", "SIGUSR1"),
         exit_on_signal: bool = True,
         verbose: bool = True,
+        last_name: str | None = None,
+        save_on_exception: bool = False,
+        weights_only: bool = False,
+        enable_version_counter: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; expected one of {MODES}")
@@ -216,7 +281,15 @@ class Checkpoint:
             raise ValueError(f"monitor must be a metric name or None; got {monitor!r}")
         if not isinstance(filename, str) or not filename:
             raise ValueError(f"filename must be a non-empty template; got {filename!r}")
-        render_filename(filename, {"epoch": 0, "step": 0})  # a bad template fails now
+        template_fields(filename)  # a malformed template fails now, naming itself
+        render_filename(filename, {"epoch": 0, "step": 0})
+        if last_name is not None and (not isinstance(last_name, str) or sanitize_name(last_name) != last_name
+                                      or last_name.endswith((".pt", ".safetensors"))):
+            raise ValueError(f"last_name must be a plain file name without extension (e.g. 'last'); "
+                             f"got {last_name!r}")
+        if weights_only and str(resume) in ("latest", "last"):
+            raise ValueError(f"weights_only=True with resume={resume!r}: weights-only checkpoints "
+                             "cannot resume a run; drop resume or save full checkpoints")
         self.dirpath = Path(dirpath)
         self.monitor = monitor
         self.mode = mode
@@ -233,6 +306,13 @@ class Checkpoint:
         self.signals = tuple(_signum(s) for s in signals)
         self.exit_on_signal = bool(exit_on_signal)
         self.verbose = bool(verbose)
+        self.last_name = last_name
+        self.save_on_exception = bool(save_on_exception)
+        self.weights_only = bool(weights_only)
+        self.enable_version_counter = bool(enable_version_counter)
+        self._fields = [f for f in template_fields(filename) if f not in BUILTIN_FIELDS]
+        self._all_metrics_seen = False  # an epoch end with its validation happened
+        self._skipped_unscored = 0  # saves not written: no finite score, save_last=False
 
         self.stats: list[SaveStat] = []
         """One :class:`SaveStat` per save of this plugin object, in order."""
@@ -252,6 +332,7 @@ class Checkpoint:
         self._preempted: int | None = None
         self._prev_handlers: dict[int, Any] = {}
         self._warned_foreign = False
+        self._warned_stray = False
 
     # ------------------------------------------------------------------ public
 
@@ -332,8 +413,11 @@ class Checkpoint:
             if stale:
                 log.info("hookloop.checkpoint: removed %d temporary file(s) of interrupted writes",
                          len(stale))
+            self._cleanup_replaced()
         self._reconcile(loop)
         self._restored = False
+        self._all_metrics_seen = False
+        self._skipped_unscored = 0
         self._preempted = None
         self._signal_pending = None
         self._signal_local = None
@@ -355,10 +439,72 @@ class Checkpoint:
                 log.info("hookloop.checkpoint: no checkpoint in %s yet; starting fresh", self.dirpath)
                 return None
             raise
+        if isinstance(ckpt.get("model"), Mapping):  # a torch.compile'd model, or the other way round
+            ckpt["model"] = align_compiled_keys(ckpt["model"], loop.module.state_dict().keys())
         info = ckpt.get("checkpoint", {})
         log.info("hookloop.checkpoint: resuming from %s (epoch %s, step %s)", info.get("path"),
                  ckpt["loop"].get("epoch"), ckpt["loop"].get("global_step"))
         return ckpt
+
+    @hookimpl
+    def on_load_checkpoint(self, loop: Loop) -> None:
+        """The restored state is a saved one: the end of fit does not save it again (a
+        resumed finished run writes nothing)."""
+        self._last_key = self._state_key(loop)
+
+    def _cleanup_replaced(self) -> None:
+        """Delete the files a previous run replaced but was killed before deleting (the
+        manifest's ``removing`` list: written before the deletion, so a file in it that
+        no checkpoint lists is ours and dead); warn once about other unlisted files."""
+        try:
+            disk = read_manifest(self.dirpath)
+        except ValueError:
+            return
+        if disk is None:
+            return
+        listed: set[str] = set()
+        for e in disk.get("checkpoints", []):
+            listed |= set(e.get("files") or {e.get("primary"): None})
+        alias = set(disk.get("last_alias_files") or [])
+        freed, gone = 0, []
+        for fname in disk.get("removing") or []:
+            if (not isinstance(fname, str) or fname in listed or fname in alias
+                    or sanitize_name(fname) != fname):
+                continue
+            path = self.dirpath / fname
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("hookloop.checkpoint: cannot delete %s, replaced by a newer checkpoint: %s; "
+                            "delete it by hand", path, exc)
+                continue
+            freed += size
+            gone.append(fname)
+        if gone:
+            fsync_dir(self.dirpath)
+            log.warning("hookloop.checkpoint: deleted %d file(s) (%.1f MB) that a stopped run had replaced "
+                        "but not yet deleted: %s", len(gone), freed / 1e6, gone)
+        if self._warned_stray:
+            return
+        own = listed | alias | {MANIFEST_NAME}
+        for e in self._entries:
+            own |= set(e.get("files") or {e["primary"]: None})
+        try:
+            names = os.listdir(self.dirpath)
+        except OSError:
+            return
+        stray = sorted(n for n in names if n.endswith((".pt", ".safetensors")) and n not in own
+                       and not _TMP_RE.match(n))
+        if stray:
+            self._warned_stray = True
+            size = sum((self.dirpath / n).stat().st_size for n in stray if (self.dirpath / n).is_file())
+            log.warning("hookloop.checkpoint: %s holds %d checkpoint file(s) that %s does not list "
+                        "(%s, %.1f MB), left by a run stopped between writing and listing them, or "
+                        "put there by hand; they are left in place: delete them if unneeded",
+                        self.dirpath, len(stray), MANIFEST_NAME, stray[:5], size / 1e6)
 
     def _reconcile(self, loop: Loop) -> None:
         """Match the bookkeeping with the files on disk (rank 0 reads the manifest)."""
@@ -456,6 +602,8 @@ class Checkpoint:
             self._preempt(loop, dict(metrics))
             return
         self._check_monitor(loop, metrics)
+        if self._validated or loop.val_data is None:
+            self._all_metrics_seen = True  # a template field still missing now never comes
         deferred, self._deferred = self._deferred, False
         if deferred or (self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0):
             self._save(loop, dict(metrics))
@@ -468,6 +616,12 @@ class Checkpoint:
             if self._preempted is None and self.save_last and self._state_key(loop) != self._last_key:
                 self._save(loop, {})
             self._finish_pending(loop, raise_errors=True)
+            if self._skipped_unscored and not self._entries and loop.state.is_global_zero:
+                log.warning("hookloop.checkpoint: Checkpoint(monitor=%r, save_last=False) saved no "
+                            "checkpoint in this fit: at all %d save(s) %r had no finite value of "
+                            "that step. Log a finite %r, or pass save_last=True to keep the newest "
+                            "state anyway",
+                            self.monitor, self._skipped_unscored, self.monitor, self.monitor)
             if loop.state.world_size > 1:
                 loop.barrier()
         finally:
@@ -496,8 +650,31 @@ class Checkpoint:
         try:
             # no barrier: the other ranks may be gone
             self._finish_pending(loop, raise_errors=False, sync_ranks=False)
+            if self.save_on_exception:
+                self._save_on_exception(loop, exception)
         finally:
             self._restore_signals()
+
+    def _save_on_exception(self, loop: Loop, exception: BaseException) -> None:
+        if loop.state.world_size > 1:
+            log.warning("hookloop.checkpoint: not saved on exception (%s): the other ranks cannot join "
+                        "a collective save (world_size=%d); resume from the last regular checkpoint",
+                        type(exception).__name__, loop.state.world_size)
+            return
+        if self._state_key(loop) == self._last_key:
+            log.info("hookloop.checkpoint: %s: this state is already saved", type(exception).__name__)
+            return
+        save_last, self.save_last = self.save_last, True  # an exception save is always kept
+        try:
+            path = self._save(loop, {}, reason="exception")
+            self._finish_pending(loop, raise_errors=True, sync_ranks=False)
+            log.warning("hookloop.checkpoint: %s raised: saved the state at step %d to %s",
+                        type(exception).__name__, loop.state.global_step, path)
+        except Exception as exc:  # never replace the original exception
+            log.error("hookloop.checkpoint: saving on exception (%s) failed: %r",
+                      type(exception).__name__, exc)
+        finally:
+            self.save_last = save_last
 
     # ------------------------------------------------------------------ policy
 
@@ -530,7 +707,7 @@ class Checkpoint:
     def _ranked(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.monitor is None:
             return sorted(entries, key=lambda e: -e["seq"])
-        scored = [e for e in entries if e.get("score") is not None and not math.isnan(e["score"])]
+        scored = [e for e in entries if e.get("score") is not None and math.isfinite(e["score"])]
         return sorted(scored, key=self._rank_key)
 
     def _pick_best(self, entries: list[dict[str, Any]]) -> str | None:
@@ -549,6 +726,10 @@ class Checkpoint:
 
     def _unique_name(self, base: str) -> str:
         taken = {e["name"] for e in self._entries}
+        if self.last_name is not None:
+            taken.add(self.last_name)
+        if not self.enable_version_counter and base not in {self.last_name}:
+            return base  # the new checkpoint replaces one of that name
         name = base
         n = 0
         while name in taken or any((self.dirpath / f).exists() for f in self._file_names(name)):
@@ -566,7 +747,7 @@ class Checkpoint:
 
     # ------------------------------------------------------------------ saving
 
-    def _save(self, loop: Loop, epoch_metrics: dict[str, float]) -> Path | None:
+    def _save(self, loop: Loop, epoch_metrics: dict[str, float], reason: str | None = None) -> Path | None:
         start = time.perf_counter()
         self._finish_pending(loop, raise_errors=True)
         wait_s = time.perf_counter() - start
@@ -579,6 +760,15 @@ class Checkpoint:
         ):  # a value of this very step, never one of an earlier state
             score = float(metrics[self.monitor])
         namespace = {**metrics, "epoch": state.epoch, "step": state.global_step}
+        missing = missing_fields(self.filename, namespace) if self._fields else []
+        if missing and reason is None and self._all_metrics_seen:
+            available = sorted(metrics)
+            close = difflib.get_close_matches(missing[0], available, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise MonitorNotFoundError(
+                f"Checkpoint(filename={self.filename!r}): {missing} never logged{hint} Name "
+                f"{{epoch}}, {{step}} or one of the available metrics: {available}"
+            )
         name = self._unique_name(render_filename(self.filename, namespace))
         seq = self._seq + 1
         entry: dict[str, Any] = {
@@ -593,23 +783,41 @@ class Checkpoint:
             "time": time.time(),
             "format": self.format,
         }
+        if self.weights_only:
+            entry["weights_only"] = True
+        if reason is not None:
+            entry["reason"] = reason
         before = list(self._entries)
         after = self._retain([*before, entry], entry)
         self._last_key = self._state_key(loop)
         self._last_save_time = time.monotonic()
         if not any(e is entry for e in after):
-            log.debug("hookloop.checkpoint: %s would not be kept (score %s); not written", name, score)
+            if self.monitor is not None and (score is None or not math.isfinite(score)):
+                self._skipped_unscored += 1
+                if self._skipped_unscored == 1 and state.is_global_zero:
+                    log.warning("hookloop.checkpoint: not saved at step %d: %r has no finite value of "
+                                "this step (%s) and save_last=False keeps only ranked checkpoints; "
+                                "log a finite %r at the save, or pass save_last=True",
+                                state.global_step, self.monitor, score, self.monitor)
+            else:
+                log.debug("hookloop.checkpoint: %s would not be kept (score %s); not written", name, score)
             return None
+        # a checkpoint of the same name (enable_version_counter=False) is replaced
+        after = [e for e in after if e is entry or e["name"] != name]
         removed = [e for e in before if not any(e is k for k in after)]
         prev_best, prev_seq = self._best, self._seq
-        is_best = score is not None and not math.isnan(score) and (
+        is_best = score is not None and math.isfinite(score) and (
             self.best_score is None or self._better(score, self.best_score)
         )
         self._entries, self._seq = after, seq
         self._best = self._pick_best(after)
         stat = SaveStat(str(self.dirpath / entry["primary"]), 0.0)
         try:
-            ckpt = loop.state_dict()  # every rank: RNG states are gathered
+            if self.weights_only:
+                ckpt = {"model": loop.module.state_dict()}
+            else:
+                ckpt = loop.state_dict()  # every rank: RNG states are gathered
+            ckpt["model"] = _plain_keys(ckpt["model"])
             ckpt["checkpoint"] = {
                 "format": CHECKPOINT_FORMAT,
                 "version": FORMAT_VERSION,
@@ -619,6 +827,10 @@ class Checkpoint:
                 "score": score,
                 "time": entry["time"],
             }
+            if self.weights_only:
+                ckpt["checkpoint"]["weights_only"] = True
+            if reason is not None:
+                ckpt["checkpoint"]["reason"] = reason
             job = None
             if state.is_global_zero:
                 if self.async_save:
@@ -670,6 +882,7 @@ class Checkpoint:
         directory = self.dirpath
         name = entry["name"]
         fmt = self.format
+        last_name = self.last_name
 
         def write() -> dict[str, Any]:
             files: dict[str, Any] = {}
@@ -697,19 +910,34 @@ class Checkpoint:
                 manifest["checkpoints"] = [done if e["seq"] == entry["seq"] else e
                                            for e in manifest["checkpoints"]]
                 manifest["last"] = done["primary"]
+                doomed = sorted({f for old in removed for f in (old.get("files") or {old["primary"]: None})}
+                                - set(files))
+                # listed before the deletion: a run killed in between deletes them at its next start
+                manifest["removing"] = doomed
+                if last_name is not None:
+                    manifest["last_alias"] = f"{last_name}.pt"
+                    manifest["last_alias_files"] = [_alias(f, name, last_name) for f in files]
                 write_manifest(directory, manifest)
             except BaseException:
                 for fname in files:  # complete but never listed: remove
                     with contextlib.suppress(OSError):
                         os.unlink(directory / fname)
                 raise
+            if last_name is not None:
+                for fname in files:
+                    _link_atomic(directory / fname, directory / _alias(fname, name, last_name))
             # only now, with the new checkpoint listed, delete what it replaces
-            for old in removed:
-                for fname in old.get("files") or {old["primary"]: None}:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(directory / fname)
-            if removed:
-                fsync_dir(directory)
+            for fname in doomed:
+                try:
+                    os.unlink(directory / fname)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:  # the new checkpoint is durable and listed: not a failed save
+                    log.warning("hookloop.checkpoint: cannot delete %s, replaced by %s: %s; it is "
+                                "deleted at the next fit start", directory / fname, entry["primary"], exc)
+            if doomed:
+                with contextlib.suppress(OSError):
+                    fsync_dir(directory)
             return files
 
         return write
@@ -761,7 +989,8 @@ class Checkpoint:
             h = loop.callers.on_checkpoint_removed
             if h is not None:
                 for old in job.removed:  # deleted by the write, after the new one was listed
-                    h(loop, str(self.dirpath / old["primary"]))
+                    if old["primary"] != job.entry["primary"]:  # not one the new file replaced
+                        h(loop, str(self.dirpath / old["primary"]))
 
     # ------------------------------------------------------------------ preemption
 
