@@ -396,8 +396,11 @@ def test_a_late_worker_never_touches_the_next_fits_run() -> None:
     threads = [r[-1] for r in t.records]
     first, second = threads[0], threads[-1]
     assert first is not second and set(threads) == {first, second}
-    mine = [r[:2] for r in t.records if r[-1] is first]
-    # the late worker opened its run and closed it with its fit's outcome; nothing else
-    assert mine == [("open", t.records[0][1]), ("close", "success")]
-    assert threads.index(second) > threads.index(first, 1)  # closed before the next run opened
+    # the late worker wrote nothing of its fit but its run's opening; that run was closed
+    # with its fit's outcome (by the late worker, or by the next one before it opened
+    # its own run), and only then did the next run open
+    assert {r[0] for r in t.records if r[-1] is first} <= {"open", "close"}
+    assert [r[:2] for r in t.records[:2]] == [("open", t.records[0][1]), ("close", "success")]
+    assert t.records[2][0] == "open" and t.records[2][-1] is second
+    assert [r[0] for r in t.records].count("open") == 2
     assert t.records[-1][:2] == ("close", "success") and t.state == "closed"
