@@ -769,7 +769,8 @@ class Checkpoint:
                 f"Checkpoint(filename={self.filename!r}): {missing} never logged{hint} Name "
                 f"{{epoch}}, {{step}} or one of the available metrics: {available}"
             )
-        name = self._unique_name(render_filename(self.filename, namespace))
+        base = render_filename(self.filename, namespace)
+        name = self._unique_name(base)
         seq = self._seq + 1
         entry: dict[str, Any] = {
             "name": name,
@@ -802,6 +803,12 @@ class Checkpoint:
             else:
                 log.debug("hookloop.checkpoint: %s would not be kept (score %s); not written", name, score)
             return None
+        if name != base and any(e["name"] == base for e in before) and not any(
+                e["name"] == base for e in after):
+            # the name's owner is rotated out by this very save: take its name over instead
+            # of a -v1 (top_k=1 with a fixed name never alternates name / name-v1)
+            name = entry["name"] = base
+            entry["primary"] = f"{base}.pt"
         # a checkpoint of the same name (enable_version_counter=False) is replaced
         after = [e for e in after if e is entry or e["name"] != name]
         removed = [e for e in before if not any(e is k for k in after)]
