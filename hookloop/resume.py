@@ -43,7 +43,8 @@ from hookloop._devices import to_device
 if TYPE_CHECKING:
     from hookloop.loop import Loop
 
-__all__ = ["STATE_FORMAT", "ResumeError", "StateAPI", "claim", "collect", "migrate", "restore", "state_key"]
+__all__ = ["COMPILED_PREFIX", "STATE_FORMAT", "ResumeError", "StateAPI", "align_compiled_keys", "claim",
+           "collect", "migrate", "restore", "state_key"]
 
 log = logging.getLogger("hookloop")
 
@@ -64,6 +65,31 @@ def state_key(base: str, **identity: Any) -> str:
     state and nothing shifts when plugins are added."""
     inner = ", ".join(f"{k}={identity[k]!r}" for k in sorted(identity))
     return f"{base}{{{inner}}}"
+
+
+COMPILED_PREFIX = "_orig_mod."
+"""The key segment ``torch.compile`` adds to a compiled module's ``state_dict``."""
+
+
+def align_compiled_keys(state: Mapping[str, Any], model_keys: Any) -> dict[str, Any]:
+    """Rename the keys of a model ``state`` to those of a model whose ``state_dict``
+    has ``model_keys``, when they differ only by ``torch.compile``'s ``_orig_mod.``
+    segments (a compiled model's checkpoint into a plain model, or the other way round,
+    also for a compiled submodule). Any other difference is left for the caller to
+    report; ``state`` is returned unchanged when nothing needs renaming.
+    """
+    own = list(model_keys)
+    if set(state) == set(own):
+        return dict(state)
+    if not any(COMPILED_PREFIX in k for k in (*state, *own)):
+        return dict(state)
+    target = {k.replace(COMPILED_PREFIX, ""): k for k in own}
+    if len(target) != len(own):
+        return dict(state)  # ambiguous: leave it
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        out[target.get(k.replace(COMPILED_PREFIX, ""), k)] = v
+    return out if len(out) == len(state) else dict(state)
 
 
 # ---------------------------------------------------------------------- plugin keys
@@ -298,6 +324,8 @@ def restore(loop: Loop, checkpoint: Mapping[str, Any], *, strict: bool = True) -
         raise ResumeError(f"a checkpoint is a dict made by loop.state_dict(); got "
                           f"{type(checkpoint).__name__}")
     checkpoint = migrate(checkpoint)
+    if isinstance(checkpoint.get("model"), Mapping):  # a torch.compile'd model, or the reverse
+        checkpoint["model"] = align_compiled_keys(checkpoint["model"], loop.module.state_dict().keys())
     # phase 1: validate everything, change nothing
     problems: list[str] = []
     for key in ("model", "optimizers", "loop"):

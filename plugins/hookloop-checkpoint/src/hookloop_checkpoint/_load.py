@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hookloop.resume import align_compiled_keys
 from hookloop_checkpoint._io import MANIFEST_NAME, file_digest, read_manifest
 
 __all__ = [
@@ -63,28 +64,6 @@ class WeightsOnlyCheckpointError(CheckpointError):
     only the model's weights (load them with :func:`load`)."""
 
 
-COMPILED_PREFIX = "_orig_mod."
-
-
-def align_compiled_keys(state: Mapping[str, Any], model_keys: Any) -> dict[str, Any]:
-    """Rename the keys of a model ``state`` to those of a model whose ``state_dict``
-    has ``model_keys``, when they differ only by ``torch.compile``'s ``_orig_mod.``
-    segments (a compiled model's checkpoint into a plain model, or the other way round,
-    also for a compiled submodule). Any other difference is left for the caller to
-    report; ``state`` is returned unchanged when nothing needs renaming.
-    """
-    own = list(model_keys)
-    if set(state) == set(own):
-        return dict(state)
-    if not any(COMPILED_PREFIX in k for k in (*state, *own)):
-        return dict(state)
-    target = {k.replace(COMPILED_PREFIX, ""): k for k in own}
-    if len(target) != len(own):
-        return dict(state)  # ambiguous: leave it
-    out: dict[str, Any] = {}
-    for k, v in state.items():
-        out[target.get(k.replace(COMPILED_PREFIX, ""), k)] = v
-    return out if len(out) == len(state) else dict(state)
 
 
 @dataclass

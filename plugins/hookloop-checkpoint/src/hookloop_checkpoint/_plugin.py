@@ -23,7 +23,7 @@ import torch
 
 from hookloop.errors import MonitorNotFoundError
 from hookloop.plugins import hookimpl
-from hookloop.resume import state_key
+from hookloop.resume import COMPILED_PREFIX, state_key
 from hookloop_checkpoint._io import (
     _TMP_RE,
     BUILTIN_FIELDS,
@@ -42,11 +42,9 @@ from hookloop_checkpoint._io import (
 )
 from hookloop_checkpoint._load import (
     CHECKPOINT_FORMAT,
-    COMPILED_PREFIX,
     FORMAT_VERSION,
     CheckpointError,
     CheckpointNotFoundError,
-    align_compiled_keys,
     load_checkpoint,
 )
 
@@ -439,8 +437,6 @@ class Checkpoint:
                 log.info("hookloop.checkpoint: no checkpoint in %s yet; starting fresh", self.dirpath)
                 return None
             raise
-        if isinstance(ckpt.get("model"), Mapping):  # a torch.compile'd model, or the other way round
-            ckpt["model"] = align_compiled_keys(ckpt["model"], loop.module.state_dict().keys())
         info = ckpt.get("checkpoint", {})
         log.info("hookloop.checkpoint: resuming from %s (epoch %s, step %s)", info.get("path"),
                  ckpt["loop"].get("epoch"), ckpt["loop"].get("global_step"))
