@@ -35,7 +35,7 @@ OPTIONS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "gradnorm": lambda d: {"every_n_steps": 3},
 }
 # state that names an external run (a tracker's run id): new for every run by design
-RUN_IDENTITY = ("run_id", "id", "run_name", "name")
+RUN_IDENTITY = ("run_id", "run_key", "id", "run_name", "name")
 # wall-clock times of saves, and the files' digests that contain them
 WALL_CLOCK = ("time", "files")
 
