@@ -40,8 +40,6 @@ what to install and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import sys
 from collections.abc import Sequence
@@ -214,21 +212,6 @@ def _not_installed(name: str) -> int:
     return 2
 
 
-def _fallback(name: str, argv: list[str]) -> int | None:
-    """Transitional: ``hookloop demo`` from the ``hookloop.demo`` module of the core while
-    it is there; ``None`` when it is not."""
-    if name != "demo" or importlib.util.find_spec("hookloop.demo") is None:
-        return None
-    try:
-        module = importlib.import_module("hookloop.demo")
-    except ModuleNotFoundError as exc:  # a dependency of the demo is missing
-        dist, checkout = KNOWN_COMMANDS[name]
-        print(f"hookloop: the demo needs {exc.name!r}, which is not installed: pip install {dist} "
-              f"(from a checkout of hookloop: {checkout})", file=sys.stderr)
-        return 2
-    return _status(module.main(argv))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hookloop`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -237,9 +220,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = argv[0]
         if name in commands:
             return _run_command(name, commands[name], argv[1:])
-        status = _fallback(name, argv[1:])
-        if status is not None:
-            return status
         if name in KNOWN_COMMANDS:
             return _not_installed(name)
         known = sorted({*BUILTIN_COMMANDS, *commands})
@@ -277,10 +257,7 @@ def _epilog(commands: dict[str, Any]) -> str:
     for name, (dist, _checkout) in KNOWN_COMMANDS.items():
         if name in commands:
             continue
-        if name == "demo" and importlib.util.find_spec("hookloop.demo") is not None:
-            lines.append(f"  {name:<12}from hookloop (moving to {dist})")
-        else:
-            lines.append(f"  {name:<12}not installed (pip install {dist})")
+        lines.append(f"  {name:<12}not installed (pip install {dist})")
     return "\n".join(lines)
 
 

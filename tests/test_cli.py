@@ -128,11 +128,10 @@ def test_a_command_of_a_distribution_runs_with_its_arguments() -> None:
            "'plugins' is a built-in command" in res.stderr
 
 
-WITHOUT_DEMO = (
+WITHOUT_DEMO = (  # the installed hookloop-demo hidden: no distribution provides the command
     "import sys\n"
-    "sys.modules['hookloop.demo'] = None\n"  # neither the core's module ...
     "import hookloop.cli as cli\n"
-    "cli._distribution_commands = lambda: {}\n"  # ... nor a distribution provides it
+    "cli._distribution_commands = lambda: {}\n"
     "sys.exit(cli.main(sys.argv[1:]))\n"
 )
 

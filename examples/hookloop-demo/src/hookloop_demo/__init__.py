@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from hookloop.cli import positive_int
 from hookloop.loop import Loop
 from hookloop.plugins import hookimpl
 
@@ -690,13 +691,6 @@ def _trackers_arg(text: str) -> tuple[str, ...]:
     return names
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> DemoOptions:
     """Parse ``hookloop demo`` options into :class:`DemoOptions`."""
     d = DemoOptions()
@@ -706,15 +700,15 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoOptions:
                     "and resume the transfer run, and compare it with training from scratch.")
     parser.add_argument("--run-dir", type=Path, default=d.run_dir,
                         help="parent folder of the run folders (default: %(default)s)")
-    parser.add_argument("--epochs", type=_positive, default=d.epochs,
+    parser.add_argument("--epochs", type=positive_int, default=d.epochs,
                         help="maximum pretraining epochs; early stopping may stop sooner "
                              "(default: %(default)s)")
-    parser.add_argument("--transfer-epochs", type=_positive, default=d.transfer_epochs,
+    parser.add_argument("--transfer-epochs", type=positive_int, default=d.transfer_epochs,
                         help="epochs of the transfer run and of the from-scratch baseline "
                              "(default: %(default)s)")
-    parser.add_argument("--shots", type=_positive, default=d.shots,
+    parser.add_argument("--shots", type=positive_int, default=d.shots,
                         help="training examples per class of digits 5-9 (default: %(default)s)")
-    parser.add_argument("--interrupt-at", type=_positive, default=None,
+    parser.add_argument("--interrupt-at", type=positive_int, default=None,
                         help="optimizer step at which the transfer run is interrupted "
                              "(default: midway)")
     parser.add_argument("--trackers", type=_trackers_arg, default=d.trackers,
