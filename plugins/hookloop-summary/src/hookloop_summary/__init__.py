@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from hookloop import only
 from hookloop.plugins import hookimpl
@@ -32,7 +33,10 @@ from hookloop.plugins import hookimpl
 if TYPE_CHECKING:
     from hookloop.loop import Loop
 
-__all__ = ["LayerRow", "ModelSummary", "Summary", "default_input_fn", "side_effect_free", "summarize"]
+__all__ = [
+    "LayerRow", "ModelSummary", "Summary", "default_input_fn", "side_effect_free", "summarize",
+    "unwrap_compiled",
+]
 
 __version__ = "0.1.0"
 
@@ -60,6 +64,12 @@ class LayerRow:
     mult_adds: int | None
     """Multiply-accumulate operations of a leaf layer in the forward pass (``None`` for
     containers and without a forward pass)."""
+    training: bool | None = None
+    """The layer's train/eval mode before the summary (the forward pass itself runs
+    in eval mode)."""
+    input_shape: list[Any] | None = None
+    """Shape of the layer's first input in the summary's forward pass (``None`` without
+    one, or when the layer did not run: an unused or scripted layer)."""
 
 
 @dataclass
@@ -69,7 +79,8 @@ class ModelSummary:
     model: str
     """Class name of the model."""
     layers: list[LayerRow]
-    """Rows of the table, in execution order."""
+    """Rows of the table: the layers in the order they ran, then those that did not
+    run (unused or scripted layers, with no shapes)."""
     total_params: int
     """All parameters (shared parameters counted once)."""
     trainable_params: int
@@ -77,7 +88,12 @@ class ModelSummary:
     non_trainable_params: int
     """Parameters without ``requires_grad`` (e.g. a frozen backbone)."""
     params_size_mb: float
-    """Memory of the parameters in MB."""
+    """Memory of the parameters in MB (1 MB = 10**6 bytes)."""
+    other_params: int = 0
+    """Parameters of the model itself, held by none of its sub-layers (no row shows
+    them; torchinfo's top row does)."""
+    training_modes: dict[str, int] = field(default_factory=lambda: {"train": 0, "eval": 0})
+    """How many sub-modules (the model itself left out) were in train and in eval mode."""
     input_shapes: list[Any] = field(default_factory=list)
     """Shapes of the inputs of the forward pass."""
     input_size_mb: float | None = None
@@ -151,27 +167,52 @@ def side_effect_free(model: nn.Module) -> Iterator[None]:
 # ---------------------------------------------------------------------- summary
 
 
+def _numel(p: torch.Tensor) -> int:
+    """Elements of ``p``; 0 for a lazy layer's parameter not initialized yet."""
+    return 0 if is_lazy(p) else p.numel()
+
+
 def _param_counts(model: nn.Module) -> tuple[int, int, float]:
     total = trainable = 0
     size = 0
     for p in model.parameters():  # shared parameters once
-        total += p.numel()
-        size += p.numel() * p.element_size()
+        n = _numel(p)
+        total += n
+        size += n * p.element_size() if n else 0
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += n
     return total, trainable, size / 1e6
 
 
+def _other_params(model: nn.Module) -> int:
+    """Parameters of ``model`` itself that none of its children holds."""
+    held = {id(p) for child in model.children() for p in child.parameters()}
+    return sum(_numel(p) for p in model.parameters(recurse=False) if id(p) not in held)
+
+
+def _training_modes(model: nn.Module) -> dict[str, int]:
+    modes = [m.training for m in model.modules()][1:]  # the model itself left out
+    return {"train": sum(modes), "eval": len(modes) - sum(modes)}
+
+
+def _layer_row(name: str, module: nn.Module, training: bool | None = None) -> LayerRow:
+    """A row for a layer that did not run in a forward pass: parameter counts only."""
+    params = list(module.parameters())
+    return LayerRow(
+        name=name, type=type(module).__name__, depth=name.count(".") + 1, output_shape=None,
+        num_params=sum(_numel(p) for p in params),
+        trainable_params=sum(_numel(p) for p in params if p.requires_grad), mult_adds=None,
+        training=module.training if training is None else training,
+    )
+
+
 def _fallback(model: nn.Module, note: str, depth: int) -> ModelSummary:
+    model = unwrap_compiled(model)
+    depth = _check_depth(depth, model)
     total, trainable, size_mb = _param_counts(model)
-    rows = []
-    for name, module in model.named_modules():
-        level = name.count(".") + 1 if name else 0
-        if not name or level > depth:
-            continue
-        n = sum(p.numel() for p in module.parameters())
-        t = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        rows.append(LayerRow(name, type(module).__name__, level, None, n, t, None))
+    with _uncompiled_children(model):  # names without torch.compile's ``_orig_mod``
+        rows = [_layer_row(name, module) for name, module in model.named_modules()
+                if name and name.count(".") < depth]
     width = max([len(r.name) + 2 * r.depth + len(r.type) + 3 for r in rows] + [30])
     lines = [f"{type(model).__name__}: parameter counts only ({note})", "=" * (width + 16),
              f"{'Layer (type)':<{width}}{'Param #':>16}", "=" * (width + 16)]
@@ -188,9 +229,56 @@ def _fallback(model: nn.Module, note: str, depth: int) -> ModelSummary:
     ]
     return ModelSummary(
         model=type(model).__name__, layers=rows, total_params=total, trainable_params=trainable,
-        non_trainable_params=total - trainable, params_size_mb=size_mb, text="\n".join(lines),
-        note=note,
+        non_trainable_params=total - trainable, params_size_mb=size_mb,
+        other_params=_other_params(model), training_modes=_training_modes(model),
+        text="\n".join(lines), note=note,
     )
+
+
+# ---------------------------------------------------------------------- depth, torch.compile
+
+
+def _check_depth(depth: Any, model: nn.Module | None = None) -> int:
+    """``depth`` validated; -1 (every level) resolved to the model's deepest level."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < -1:
+        raise ValueError(f"depth must be -1 (every level), 0 or a positive int; got {depth!r}")
+    if depth == -1 and model is not None:
+        return max([name.count(".") + 1 for name, _ in model.named_modules() if name] + [0])
+    return depth
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    return type(module).__name__ == "OptimizedModule" and isinstance(
+        getattr(module, "_orig_mod", None), nn.Module)
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``'d model wraps (``model._orig_mod``); ``model``
+    itself when it is not compiled."""
+    while _is_compiled(model):
+        model = model._orig_mod
+    return model
+
+
+@contextlib.contextmanager
+def _uncompiled_children(model: nn.Module) -> Iterator[None]:
+    """Put the original module in place of every ``torch.compile``'d sub-module for the
+    block, so the forward pass runs (and is hooked) uncompiled and nothing compiles."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    stack = [model]
+    try:
+        while stack:
+            module = stack.pop()
+            for name, child in list(module._modules.items()):
+                if child is not None and _is_compiled(child):
+                    swapped.append((module, name, child))
+                    child = module._modules[name] = unwrap_compiled(child)
+                if child is not None:
+                    stack.append(child)
+        yield
+    finally:
+        for module, name, child in reversed(swapped):
+            module._modules[name] = child
 
 
 def _shape(value: Any) -> Any:
@@ -216,12 +304,14 @@ def summarize(
 ) -> ModelSummary:
     """Summarise ``model`` with torchinfo, without side effects on it.
 
-    :param model: the model (pass the unwrapped module, not a DDP wrapper).
+    :param model: the model (pass the unwrapped module, not a DDP wrapper). A
+        ``torch.compile``'d model, or one with compiled sub-modules, is summarised as
+        the original module, uncompiled and without compiling it.
     :param input_data: the model's inputs: a tensor, a tuple of positional arguments,
         or a mapping of keyword arguments.
     :param input_size: instead of ``input_data``: an input shape including the batch
         dimension, e.g. ``(1, 3, 224, 224)``, or a list of shapes (random inputs).
-    :param depth: deepest nesting level shown.
+    :param depth: deepest nesting level shown; -1 for every level, 0 for the totals only.
     :param mult_adds: add the mult-adds column and total.
     :param dtypes: dtypes of the random inputs made for ``input_size``.
     :param device: where the forward pass runs (default: the model's device; the model
@@ -232,8 +322,13 @@ def summarize(
     """
     import torchinfo
 
+    model = unwrap_compiled(model)
+    depth = _check_depth(depth, model)
     if input_data is None and input_size is None:
         return _fallback(model, "no input given, so no forward pass", depth)
+    if any(is_lazy(p) for p in model.parameters()):
+        return _fallback(model, "the model has uninitialized (lazy) parameters, which a forward "
+                         "pass would initialize, so none was run; their sizes are not counted", depth)
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     columns = ["output_size", "num_params", *(["mult_adds"] if mult_adds else [])]
@@ -255,52 +350,82 @@ def summarize(
         kwargs["dtypes"] = list(dtypes) if dtypes is not None else None
         sizes = input_size if input_size and isinstance(input_size[0], (list, tuple)) else [input_size]
         shapes = [list(s) for s in sizes]  # type: ignore[union-attr]
-    try:
-        with side_effect_free(model):
-            stats = torchinfo.summary(
-                model, depth=depth, col_names=columns, col_width=col_width, device=device,
-                mode="eval", verbose=0, row_settings=("depth", "var_names"), **kwargs,
-            )
-    except Exception as exc:
-        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-        cause = exc.__cause__ or exc.__context__
-        if cause is not None and str(cause).strip():
-            detail = str(cause).strip().splitlines()[-1]
-        note = f"forward pass failed: {type(cause or exc).__name__}: {detail[:300]}"
-        return _fallback(model, note, depth)
-    total, trainable, _ = _param_counts(model)
-    rows = [
-        LayerRow(
-            name=_layer_name(info),
-            type=info.class_name,
-            depth=info.depth,
-            output_shape=list(info.output_size) if info.output_size else None,
-            num_params=int(max(info.num_params, 0)),
-            trainable_params=int(max(info.trainable_params, 0)),
-            mult_adds=int(info.macs) if info.is_leaf_layer else None,
-        )
-        for info in stats.summary_list
-        if 0 < info.depth <= depth
-    ]
+    with _uncompiled_children(model):
+        modes = {id(m): m.training for m in model.modules()}  # before torchinfo's eval()
+        names = {id(m): name for name, m in model.named_modules()}
+        try:
+            with side_effect_free(model):
+                stats = torchinfo.summary(
+                    model, depth=depth, col_names=columns, col_width=col_width, device=device,
+                    mode="eval", verbose=0, row_settings=("depth", "var_names"), **kwargs,
+                )
+        except Exception as exc:
+            detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+            cause = exc.__cause__ or exc.__context__
+            if cause is not None and str(cause).strip():
+                detail = str(cause).strip().splitlines()[-1]
+            note = f"forward pass failed: {type(cause or exc).__name__}: {detail[:300]}"
+            return _fallback(model, note, depth)
+        rows: list[LayerRow] = []
+        ran: set[int] = set()
+        for info in stats.summary_list:
+            module = info.module
+            name = names.get(id(module)) or _layer_name(info)
+            if not name:
+                continue  # the model itself
+            ran.add(id(module))
+            if name.count(".") >= depth:
+                continue
+            rows.append(LayerRow(
+                name=name,
+                type=type(module).__name__,
+                depth=name.count(".") + 1,
+                output_shape=_torchinfo_shape(info.output_size),
+                num_params=int(max(info.num_params, 0)),
+                trainable_params=int(max(info.trainable_params, 0)),
+                mult_adds=int(info.macs) if info.is_leaf_layer else None,
+                training=modes.get(id(module)),
+                input_shape=_torchinfo_shape(info.input_size),
+            ))
+        # layers the forward pass did not run (unused, or scripted: hooks do not fire)
+        rows += [_layer_row(name, m, modes.get(id(m))) for name, m in model.named_modules()
+                 if name and id(m) not in ran and name.count(".") < depth]
+    total, trainable, params_mb = _param_counts(model)
     input_mb = stats.total_input / 1e6
     fb_mb = stats.total_output_bytes / 1e6
-    params_mb = stats.total_param_bytes / 1e6
+    text = _UNITS.sub(lambda m: f"({_UNIT_NAMES.get(m.group(1), m.group(1))})", str(stats))
     return ModelSummary(
         model=type(model).__name__,
         layers=rows,
-        total_params=int(stats.total_params),
-        trainable_params=int(stats.trainable_params),
-        non_trainable_params=int(stats.total_params - stats.trainable_params),
+        total_params=total,
+        trainable_params=trainable,
+        non_trainable_params=total - trainable,
         params_size_mb=params_mb,
+        other_params=_other_params(model),
+        training_modes=_training_modes(model),
         input_shapes=shapes,
         input_size_mb=input_mb,
         forward_backward_size_mb=fb_mb,
         total_size_mb=input_mb + fb_mb + params_mb,
         mult_adds=int(stats.total_mult_adds) if mult_adds else None,
-        text=_UNITS.sub(lambda m: f"({_UNIT_NAMES.get(m.group(1), m.group(1))})", str(stats)),
-        note=None if stats.total_params == total and stats.trainable_params == trainable else
-        f"torchinfo counted {stats.total_params:,} parameters; the model holds {total:,}",
+        text=_own_totals(text, total, trainable, params_mb, input_mb + fb_mb + params_mb),
     )
+
+
+def _torchinfo_shape(size: Any) -> list[Any] | None:
+    return list(size) if size else None
+
+
+def _own_totals(text: str, total: int, trainable: int, params_mb: float, total_mb: float) -> str:
+    """torchinfo's table with the totals counted here: torchinfo counts a scripted
+    layer's parameters twice and a lazy layer's not at all."""
+    for label, value in (("Total params", f"{total:,}"), ("Trainable params", f"{trainable:,}"),
+                         ("Non-trainable params", f"{total - trainable:,}"),
+                         ("Params size (MB)", f"{params_mb:0.2f}"),
+                         ("Estimated Total Size (MB)", f"{total_mb:0.2f}")):
+        text = re.sub(rf"^{re.escape(label)}: .*$", lambda _m, lv=(label, value): f"{lv[0]}: {lv[1]}",
+                      text, count=1, flags=re.MULTILINE)
+    return text
 
 
 # torchinfo 1.8 prints "Total mult-adds (Units.MEGABYTES)" on recent Pythons
@@ -335,7 +460,7 @@ class Summary:
     :param input_fn: ``input_fn(batch)`` to find the model's inputs in the first batch
         when neither is given (default :func:`default_input_fn`); return a tuple for
         several positional inputs or a mapping for keyword inputs.
-    :param depth: deepest nesting level shown.
+    :param depth: deepest nesting level shown; -1 for every level, 0 for the totals only.
     :param mult_adds: include mult-adds.
     :param print_fn: how the table is shown (``None``: not printed).
     :param log_name: the tag of ``loop.log_text``.
@@ -358,8 +483,7 @@ class Summary:
         log_name: str = "model/summary",
         every_fit: bool = False,
     ) -> None:
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-            raise ValueError(f"depth must be a non-negative int; got {depth!r}")
+        _check_depth(depth)
         self.input_size = input_size
         self.input_data = input_data
         self.input_fn = input_fn or default_input_fn
