@@ -17,6 +17,7 @@ import pluggy
 
 from hookloop import hookspecs
 from hookloop._dispatch import PlanEntry, call_argnames, compile_hook, get_only
+from hookloop._ordering import declared_order
 from hookloop.discovery import (
     ENTRY_POINT_GROUP,
     HOOK_NAMES,
@@ -28,6 +29,17 @@ from hookloop.discovery import (
     missing_plugin_message,
 )
 from hookloop.hookspecs import ALIASES
+from hookloop.specs import (
+    NOT_HOOKS_ATTRIBUTE,
+    SPEC_FORMS,
+    check_plugin_object,
+    is_function,
+    not_a_plugin,
+    not_hooks,
+    short,
+    signature,
+    spec_items,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -54,14 +66,6 @@ fault policy, so it never replaces the exception in flight; plugins disabled by 
 policy are still called. KeyboardInterrupt propagates."""
 NAME_OPTION = "hookloop_name"
 """The reserved option of the config forms that names a plugin instance."""
-NOT_HOOKS_ATTRIBUTE = "hookloop_not_hooks"
-"""The plugin attribute naming methods that start with ``on_`` but are not hooks."""
-SPEC_FORMS = (
-    "a plugin object (an instance, or a module), an installed plugin name ('checkpoint'), "
-    "a (name, options) pair as a tuple or a list (['checkpoint', {'dirpath': 'runs/ckpt'}]), "
-    "or a mapping of name to options ({'checkpoint': {'dirpath': 'runs/ckpt'}})"
-)
-"""What a plugin spec may be, as error messages say it."""
 _ISOLATED_CATCHES: tuple[type[BaseException], ...] = (Exception, SystemExit)
 POLICIES = ("raise", "warn", "disable")
 _log = logging.getLogger("hookloop")
@@ -178,7 +182,7 @@ class PluginManager(pluggy.PluginManager):
         hook or an alias (``hookspecs.ALIASES``); an alias implements its canonical
         hook (pluggy's ``specname``)."""
         opts = super().parse_hookimpl_opts(plugin, name)
-        if opts is None and (name in HOOK_NAMES or name in ALIASES) and name not in _not_hooks(plugin):
+        if opts is None and (name in HOOK_NAMES or name in ALIASES) and name not in not_hooks(plugin):
             try:
                 member = getattr(plugin, name)
             except Exception:
@@ -230,11 +234,11 @@ class PluginManager(pluggy.PluginManager):
         if plugins is None:
             return []
         names = []
-        for label, spec in _spec_items(plugins):
+        for label, spec in spec_items(plugins):
             try:
                 names.append(self._add_one(spec))
             except PluginError as exc:
-                raise PluginError(f"{label} = {_short(spec)}: {exc}") from exc.__cause__
+                raise PluginError(f"{label} = {short(spec)}: {exc}") from exc.__cause__
         return names
 
     def _add_one(self, spec: Any) -> str:
@@ -250,14 +254,14 @@ class PluginManager(pluggy.PluginManager):
             if not isinstance(name, str):
                 raise PluginError(
                     f"the first item of a (name, options) pair must be a plugin name (a string); "
-                    f"got {type(name).__name__} {_short(name)}. Accepted: {SPEC_FORMS}"
+                    f"got {type(name).__name__} {short(name)}. Accepted: {SPEC_FORMS}"
                 )
             if value is None or isinstance(value, Mapping):
                 return self.load(name, value)
-            if _not_a_plugin(value):
+            if not_a_plugin(value):
                 raise PluginError(
                     f"the options of {name!r} must be a mapping of keyword arguments (or None); "
-                    f"got {type(value).__name__} {_short(value)}"
+                    f"got {type(value).__name__} {short(value)}"
                 )
             return self.register(value, name)  # a chosen name for a plugin object
         return self.register(spec)
@@ -266,7 +270,7 @@ class PluginManager(pluggy.PluginManager):
         self, plugin: Any, name: str | None, on_error: str | None, max_failures: int | None,
         aka: Iterable[str],
     ) -> str:
-        _check_plugin_object(plugin)
+        check_plugin_object(plugin)
         if name is not None and (not isinstance(name, str) or not name):
             raise PluginError(f"a plugin name must be a non-empty string; got {name!r}")
         if self.is_registered(plugin):
@@ -325,15 +329,15 @@ class PluginManager(pluggy.PluginManager):
         found: dict[str, str] = {}
         argnames: dict[str, tuple[str, ...]] = {}
         label = plugin.__name__ if inspect.ismodule(plugin) else type(plugin).__name__
-        not_hooks = _not_hooks(plugin, plugin_name)
+        skipped = not_hooks(plugin, plugin_name)
         for attr in dir(plugin):
             try:
                 opts = self.parse_hookimpl_opts(plugin, attr)
             except Exception:
                 continue
             if opts is None:
-                if attr.startswith("on_") and attr not in not_hooks and attr not in HOOK_NAMES \
-                        and attr not in ALIASES and _is_function(plugin, attr):
+                if attr.startswith("on_") and attr not in skipped and attr not in HOOK_NAMES \
+                        and attr not in ALIASES and is_function(plugin, attr):
                     close = did_you_mean(attr, [*HOOK_NAMES, *ALIASES], n=1)
                     hint = f"did you mean {close[0]!r}? " if close else ""
                     raise PluginError(
@@ -408,7 +412,7 @@ class PluginManager(pluggy.PluginManager):
         if options is not None and not isinstance(options, Mapping):
             raise PluginError(
                 f"the options of {spec!r} must be a mapping of keyword arguments (or None); "
-                f"got {type(options).__name__} {_short(options)}"
+                f"got {type(options).__name__} {short(options)}"
             )
         bad_keys = [k for k in (options or {}) if not isinstance(k, str)]
         if bad_keys:
@@ -453,7 +457,7 @@ class PluginManager(pluggy.PluginManager):
                 plugin = obj(**kwargs)
             except TypeError as exc:
                 raise PluginError(
-                    f"plugin {spec!r}: bad options {kwargs}: {exc} (it takes {_signature(obj)})"
+                    f"plugin {spec!r}: bad options {kwargs}: {exc} (it takes {signature(obj)})"
                 ) from exc
         if self.is_registered(plugin):  # an always-on module registered by autoload
             return self.get_name(plugin) or spec
@@ -504,7 +508,7 @@ class PluginManager(pluggy.PluginManager):
                 self._seq.get(i.plugin_name, -1),
             ),
         )
-        impls = _declared_order(impls, hook_name, self._aka)
+        impls = declared_order(impls, hook_name, self._aka)
         isolated = hook_name in ISOLATED_HOOKS
         entries = []
         for impl in impls:
@@ -625,126 +629,6 @@ class PluginManager(pluggy.PluginManager):
             self.recompile()
 
 
-def _spec_items(plugins: Any) -> list[tuple[str, Any]]:
-    """``plugins`` as (position label, spec) pairs; refuses what is not a collection of
-    specs (a bare string, a single pair, a single object)."""
-    if isinstance(plugins, (str, bytes)):
-        raise PluginError(
-            f"plugins={plugins!r} is a single string, which would be read letter by letter; "
-            f"give a list of specs: plugins=[{plugins!r}]"
-        )
-    if isinstance(plugins, Mapping):
-        return [(f"plugins[{k!r}]", _mapping_pair(k, v)) for k, v in plugins.items()]
-    if (isinstance(plugins, tuple) and len(plugins) == 2 and isinstance(plugins[0], str)
-            and (plugins[1] is None or isinstance(plugins[1], Mapping))):
-        raise PluginError(
-            f"plugins={_short(plugins)} is one (name, options) pair; give a list of specs: "
-            f"plugins=[{_short(plugins)}]"
-        )
-    if inspect.isclass(plugins) or not isinstance(plugins, Iterable):
-        raise PluginError(
-            f"plugins={_short(plugins)} ({type(plugins).__name__}) is not a list of plugin specs; "
-            f"give a list (plugins=[...]) whose items are each {SPEC_FORMS}"
-        )
-    items: list[tuple[str, Any]] = []
-    for i, item in enumerate(plugins):
-        if isinstance(item, Mapping):  # {name: options} as a list item, as YAML writes it
-            items.extend((f"plugins[{i}][{k!r}]", _mapping_pair(k, v)) for k, v in item.items())
-        else:
-            items.append((f"plugins[{i}]", item))
-    return items
-
-
-def _mapping_pair(key: Any, value: Any) -> tuple[Any, Any]:
-    if not isinstance(key, str):
-        raise PluginError(
-            f"plugins mapping key {key!r} ({type(key).__name__}) is not a plugin name; the keys "
-            "of a plugins mapping are installed plugin names (or names for plugin objects)"
-        )
-    return (key, value)
-
-
-def _short(value: Any, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _signature(obj: Any) -> str:
-    try:
-        sig = inspect.signature(obj).replace(return_annotation=inspect.Signature.empty)
-        return f"{getattr(obj, '__name__', 'it')}{sig}"
-    except (TypeError, ValueError):
-        return "keyword arguments its documentation lists"
-
-
-def _not_a_plugin(value: Any) -> str | None:
-    """Why ``value`` cannot be a plugin object, or ``None`` when it may be one."""
-    if value is None:
-        return "None is not a plugin"
-    if isinstance(value, (bool, int, float, complex)):
-        return f"a number ({type(value).__name__} {value!r}) is not a plugin"
-    if isinstance(value, (str, bytes)):
-        return (f"a string ({value!r}) is not a plugin object; load an installed plugin by "
-                "name with PluginManager.load(name) or Loop(plugins=[name])")
-    if isinstance(value, (tuple, list, set, frozenset, Mapping)):
-        return (f"a {type(value).__name__} ({_short(value)}) is not a plugin object; a list of "
-                "specs goes to PluginManager.add or Loop(plugins=...)")
-    if inspect.isfunction(value) or inspect.isbuiltin(value) or inspect.ismethod(value):
-        return (f"a function ({getattr(value, '__qualname__', value)!r}) is not a plugin; a "
-                "plugin is an object or module whose methods are named after hooks, e.g. "
-                "def on_train_batch_end(self, loop, outputs)")
-    return None
-
-
-def _check_plugin_object(plugin: Any) -> None:
-    why = _not_a_plugin(plugin)
-    if why is not None:
-        raise PluginError(f"{why}. Accepted plugin specs: {SPEC_FORMS}")
-    if inspect.isclass(plugin) and _needs_instance(plugin):
-        raise PluginError(
-            f"{plugin.__name__} is a class, not an instance: its hook methods need self. "
-            f"Pass an instance, {plugin.__name__}(...), or load it by its installed name"
-        )
-
-
-def _needs_instance(cls: type) -> bool:
-    """Whether a class given as a plugin has hook methods that need an instance, or no
-    hooks at all (then it was surely meant to be instantiated)."""
-    hooks = 0
-    for attr in dir(cls):
-        member = inspect.getattr_static(cls, attr, None)
-        marked = getattr(getattr(cls, attr, None), "hookloop_impl", None) is not None
-        if attr in HOOK_NAMES or attr in ALIASES or marked:
-            hooks += 1
-            if inspect.isfunction(member):
-                return True
-    return hooks == 0
-
-
-def _not_hooks(plugin: Any, plugin_name: str | None = None) -> frozenset[str]:
-    """The names in the plugin's ``hookloop_not_hooks`` attribute; a malformed value is
-    a PluginError when ``plugin_name`` is given (at registration), else ignored."""
-    value = getattr(plugin, NOT_HOOKS_ATTRIBUTE, ())
-    if isinstance(value, str):
-        value = (value,)
-    if isinstance(value, (tuple, list, set, frozenset)) and all(isinstance(n, str) for n in value):
-        return frozenset(value)
-    if plugin_name is not None:
-        raise PluginError(
-            f"plugin {plugin_name!r}: {NOT_HOOKS_ATTRIBUTE}={value!r}; expected a tuple of method "
-            "names (strings)"
-        )
-    return frozenset()
-
-
-def _is_function(plugin: Any, attr: str) -> bool:
-    try:
-        member = getattr(plugin, attr)
-    except Exception:
-        return False
-    return inspect.isfunction(member) or inspect.ismethod(member)
-
-
 def _log_failure(plugin_name: str, hook_name: str) -> Any:
     def on_failure(exc: BaseException) -> None:
         _log.error("hookloop plugin %r failed in %s", plugin_name, hook_name, exc_info=exc)
@@ -772,63 +656,3 @@ def _describe_only(o: Any) -> str:
     if o.until_step is not None:
         parts.append(f"until step {o.until_step}")
     return ", ".join(parts)
-
-
-def _declared_order(impls: list[Any], hook: str, aka: Mapping[str, frozenset[str]]) -> list[Any]:
-    """Reorder implementations so that ``hookloop_after``/``hookloop_before`` hold,
-    keeping the given order wherever no declaration says otherwise (stable Kahn sort).
-    Wrappers keep their place ahead of plain implementations. ``aka`` maps a registered
-    name to every name a declaration may use for it."""
-    wrappers = [i for i in impls if i.wrapper or i.hookwrapper]
-    plain = [i for i in impls if not (i.wrapper or i.hookwrapper)]
-    return [*_stable_topo_sort(wrappers, hook, aka), *_stable_topo_sort(plain, hook, aka)]
-
-
-def _stable_topo_sort(impls: list[Any], hook: str, aka: Mapping[str, frozenset[str]]) -> list[Any]:
-    if not any(
-        getattr(i.plugin, "hookloop_after", None) or getattr(i.plugin, "hookloop_before", None)
-        for i in impls
-    ):
-        return impls
-    known = [aka.get(i.plugin_name, frozenset((i.plugin_name,))) for i in impls]
-
-    def matching(names: Iterable[str]) -> list[int]:
-        wanted = set(names)
-        return [k for k, ks in enumerate(known) if ks & wanted]
-
-    edges: list[set[int]] = [set() for _ in impls]  # a -> b: a runs before b
-    for me, impl in enumerate(impls):
-        for other in matching(_names(getattr(impl.plugin, "hookloop_after", ()), hook)):
-            if other != me:
-                edges[other].add(me)
-        for other in matching(_names(getattr(impl.plugin, "hookloop_before", ()), hook)):
-            if other != me:
-                edges[me].add(other)
-    indeg = [0] * len(impls)
-    for bs in edges:
-        for b in bs:
-            indeg[b] += 1
-    ready = [k for k in range(len(impls)) if indeg[k] == 0]
-    out: list[int] = []
-    while ready:
-        k = ready.pop(0)
-        out.append(k)
-        for b in edges[k]:
-            indeg[b] -= 1
-            if indeg[b] == 0:
-                ready.append(b)
-        ready.sort()
-    if len(out) != len(impls):
-        cycle = sorted(impls[k].plugin_name for k in set(range(len(impls))) - set(out))
-        raise PluginError(f"plugin ordering has a cycle between {cycle} (hookloop_after/_before)")
-    return [impls[k] for k in out]
-
-
-def _names(value: Any, hook: str) -> Iterable[str]:
-    """Plugin names from an ordering declaration: a name, a sequence of names (every
-    hook), or a mapping of hook name to names (``"*"``: every other hook)."""
-    if isinstance(value, Mapping):
-        value = value.get(hook, value.get("*", ()))
-    if isinstance(value, str):
-        return (value,)
-    return tuple(value or ())
