@@ -432,3 +432,15 @@ def test_a_skipped_step_does_not_log_its_loss() -> None:
     assert loop.state.global_step == 4 and len(kept) == 4
     epoch = rec.logged()[-1][1]["train/loss_epoch"]
     assert epoch == pytest.approx(sum(kept) / 4, rel=1e-6)
+
+
+def test_a_step_save_at_a_validation_step_is_ranked_by_that_validation(tmp_path) -> None:
+    def val_step(loop, batch):
+        loop.log("val/acc", float(loop.state.global_step))  # the step it validates
+
+    ck = Checkpoint(tmp_path, monitor="val/acc", mode="max", every_n_steps=4, top_k=-1,
+                    every_n_epochs=None, filename="s{step}", verbose=False)
+    tiny_loop([ck], val_step_fn=val_step, val_every_n_steps=4).fit(max_epochs=2)
+    entries = [(e["step"], e["score"]) for e in ck.state_dict()["entries"]]
+    # and the final save at fit end (the end of the epoch is another resume point)
+    assert entries == [(4, 4.0), (8, 8.0), (12, 12.0), (16, 16.0), (16, 16.0)]

@@ -319,6 +319,7 @@ class Checkpoint:
         self._best: str | None = None
         self._last_key: tuple[Any, ...] | None = None
         self._deferred = False  # a step save waiting for this epoch's validation
+        self._deferred_step: int | None = None  # one waiting for a validation at that step
         self._job: _Job | None = None
         self._resumed_for: Any = None  # weakref of the loop the resume was supplied to
         self._restored = False
@@ -535,9 +536,13 @@ class Checkpoint:
         self._deferred = False
 
     @hookimpl
-    def on_validation_end(self) -> None:
-        """Note that validation ran this epoch (for the missing-monitor check)."""
+    def on_validation_end(self, loop: Loop) -> None:
+        """Note that validation ran this epoch (for the missing-monitor check), and write
+        a step save that waited for a validation at its step (``val_every_n_steps``)."""
         self._validated = True
+        if self._deferred_step is not None and self._deferred_step == loop.state.global_step:
+            self._deferred_step = None
+            self._save(loop, {})
 
     @hookimpl(trylast=True)
     def on_train_batch_end(self, loop: Loop) -> None:
@@ -563,10 +568,23 @@ class Checkpoint:
             self._preempt(loop)
             return
         if time_due or (self.every_n_steps is not None and state.global_step % self.every_n_steps == 0):
-            if self._waits_for_validation(loop):
+            if self._validates_at_this_step(loop):
+                self._deferred_step = loop.state.global_step
+            elif self._waits_for_validation(loop):
                 self._deferred = True
             else:
                 self._save(loop, {})
+
+    def _validates_at_this_step(self, loop: Loop) -> bool:
+        """A step save whose validation monitor is not yet this step's, at a step after
+        which the loop validates (``val_every_n_steps``): save after that validation."""
+        every = getattr(loop, "val_every_n_steps", None)
+        monitor = self.monitor
+        if not every or monitor is None or not monitor.startswith("val/") or loop.val_data is None:
+            return False
+        stamp = loop.state.metric_stamps.get(monitor)
+        fresh = stamp is not None and stamp.step == loop.state.global_step
+        return not fresh and loop.state.global_step % every == 0
 
     def _waits_for_validation(self, loop: Loop) -> bool:
         """A step save at an epoch's last batch whose validation monitor is not yet
