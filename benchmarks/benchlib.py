@@ -8,6 +8,7 @@ when a script runs).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -522,3 +523,26 @@ def seeded(seed: int = 0) -> torch.Generator:
 def param_bytes(model: nn.Module) -> int:
     """Bytes held by the parameters of ``model``."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def plugin_script_main(argv: list[str] | None, doc: str, json_name: str,
+                       run: Callable[..., dict[str, Any]],
+                       report: Callable[[dict[str, Any]], str]) -> int:
+    """The command line of a benchmark script that runs with the bundled plugins:
+    ``--device``, ``--quick``, ``--out``; ``run(device, quick, root, plugins)`` inside a
+    sandbox, then its JSON written and its report printed."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    parser.add_argument("--out", type=Path, help=f"folder for {json_name}")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    with sandbox() as root:
+        from workloads import _resolve
+
+        result = run(device, args.quick, root, _resolve(device, root))
+    result["machine"] = machine_info(device)
+    if args.out is not None:
+        write_json(args.out.resolve() / json_name, result)
+    print(report(result))
+    return 0

@@ -21,7 +21,6 @@ Run alone: ``python benchmarks/trackers.py [--device cpu|cuda] [--quick] [--out 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Iterator
@@ -171,21 +170,7 @@ def report(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    parser.add_argument("--out", type=Path, help="folder for trackers.json")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    with benchlib.sandbox() as root:
-        from workloads import _resolve
-
-        result = run(device, args.quick, root, _resolve(device, root))
-    result["machine"] = benchlib.machine_info(device)
-    if args.out is not None:
-        benchlib.write_json(args.out.resolve() / "trackers.json", result)
-    print(report(result))
-    return 0
+    return benchlib.plugin_script_main(argv, __doc__ or "", "trackers.json", run, report)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Run alone: ``python benchmarks/wholefit.py [--device cpu|cuda] [--quick] [--out 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import subprocess
 import sys
@@ -235,21 +234,7 @@ def report(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    parser.add_argument("--out", type=Path, help="folder for wholefit.json")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    with benchlib.sandbox() as root:
-        from workloads import _resolve
-
-        result = run(device, args.quick, root, _resolve(device, root))
-    result["machine"] = benchlib.machine_info(device)
-    if args.out is not None:
-        benchlib.write_json(args.out.resolve() / "wholefit.json", result)
-    print(report(result))
-    return 0
+    return benchlib.plugin_script_main(argv, __doc__ or "", "wholefit.json", run, report)
 
 
 if __name__ == "__main__":
