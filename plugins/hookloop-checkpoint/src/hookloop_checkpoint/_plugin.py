@@ -47,6 +47,7 @@ from hookloop_checkpoint._load import (
     CheckpointNotFoundError,
     load_checkpoint,
 )
+from hookloop_checkpoint._staging import StagingBuffer
 
 if TYPE_CHECKING:
     from hookloop.loop import Loop
@@ -106,20 +107,7 @@ class _Job:
         except BaseException as exc:  # surfaced on the training thread
             self.error = exc
         self.stat.write_s = time.perf_counter() - start
-        self.fn = None  # type: ignore[assignment]  # drop the CPU copy of the state
-
-
-def _cpu_copy(obj: Any) -> Any:
-    """A deep copy of a state dict with every tensor copied to CPU memory."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_cpu_copy(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_cpu_copy(v) for v in obj)
-    return obj
+        self.fn = None  # type: ignore[assignment]  # drop the state (its tensors: the staging buffer's)
 
 
 def _plain_keys(model_state: Mapping[str, Any]) -> dict[str, Any]:
@@ -203,7 +191,9 @@ class Checkpoint:
         on a background thread. At most one write is in flight: a save requested while
         the previous write runs waits for it first (no save is dropped). Writer errors
         are raised at the next save or at the end of fit; fit returns only once the
-        last write is durable.
+        last write is durable. The copy goes into a staging buffer kept across saves
+        (one extra copy of the state in host memory, pinned when the state is on CUDA),
+        released at ``loop.close()`` or when ``async_save`` is turned off.
     :param resume: ``"latest"`` resumes from the newest complete checkpoint in
         ``dirpath`` when there is one (a fresh start when the directory has none), or a
         path to resume from; supplied through ``on_resume`` at the start of the first
@@ -321,6 +311,7 @@ class Checkpoint:
         self._deferred = False  # a step save waiting for this epoch's validation
         self._deferred_step: int | None = None  # one waiting for a validation at that step
         self._job: _Job | None = None
+        self._staging: StagingBuffer | None = None  # host copy of the state, async saves only
         self._resumed_for: Any = None  # weakref of the loop the resume was supplied to
         self._restored = False
         self._validated = False
@@ -651,10 +642,11 @@ class Checkpoint:
     @hookimpl
     def on_close(self, loop: Loop) -> None:
         """Release the writer thread's pending job and the signal handlers if a fit left
-        them (a crash that skipped ``on_exception``)."""
+        them (a crash that skipped ``on_exception``), and the async saves' staging buffer."""
         try:
             self._finish_pending(loop, raise_errors=False, sync_ranks=False)
         finally:
+            self._staging = None  # no write reads it any more
             self._restore_signals()
 
     @hookimpl
@@ -853,9 +845,15 @@ class Checkpoint:
             if reason is not None:
                 ckpt["checkpoint"]["reason"] = reason
             job = None
+            if not self.async_save:
+                self._staging = None
             if state.is_global_zero:
                 if self.async_save:
-                    ckpt = _cpu_copy(ckpt)
+                    # the previous write, which read these buffers, is finished (waited
+                    # for at the top of this method): they can be overwritten
+                    if self._staging is None:
+                        self._staging = StagingBuffer()
+                    ckpt = self._staging.copy(ckpt)
                 model_obj = None
                 if self.save_model:
                     # a frozen copy for the writer thread; the live module keeps training
