@@ -163,7 +163,9 @@ class Checkpoint:
         only by a monitored value that belongs to the step being saved
         (``loop.state.metric_stamps``), so a checkpoint is never ranked with another
         state's score; a step save due at an epoch's last batch with a validation
-        monitor waits for that epoch's validation and is written after it.
+        monitor waits for that epoch's validation and is written after it, and one due
+        at a step the loop validates after (``Loop(val_every_n_steps=...)``) is written
+        after that validation.
     :param mode: ``"min"`` or ``"max"``: which monitored values are better. NaN is never
         best; ties keep the older checkpoint.
     :param top_k: checkpoints kept by rank (``-1``: all; ``0``: none besides the last).
