@@ -438,3 +438,89 @@ def test_a_resumed_run_shows_its_final_outcome(tmp_path: Path, tensorboard_serve
         tiny_loop([snap, CrashAt(14), TensorBoard(log_dir)]).fit(max_epochs=3)
     tiny_loop([TensorBoard(log_dir)]).fit(max_epochs=3, resume=snap.state)
     assert _session_status(tensorboard_server(log_dir)) == ["STATUS_SUCCESS"]
+
+
+KILL_SCRIPT = """
+import json, os, signal, sys
+import torch
+from hookloop.plugins import hookimpl
+from hookloop.testing import HookRecorder, tiny_loop
+from hookloop_tensorboard import TensorBoard
+
+log_dir, ckpt, phase = sys.argv[1:4]
+
+
+class SaveThenDie:
+    @hookimpl
+    def on_train_epoch_end(self, loop, epoch):
+        if epoch == 0:
+            torch.save(loop.state_dict(), ckpt)
+
+    @hookimpl
+    def on_train_batch_end(self, loop):
+        if loop.state.global_step == 14:  # step 12 was logged after the checkpoint
+            tracker = loop.get_plugin("tensorboard")
+            tracker.wait(60)
+            tracker.writer.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+rec = HookRecorder(["on_log"])
+if phase == "crash":
+    tiny_loop([SaveThenDie(), TensorBoard(log_dir), rec]).fit(max_epochs=3)
+else:
+    tiny_loop([TensorBoard(log_dir), rec]).fit(max_epochs=3, resume=torch.load(ckpt, weights_only=True))
+print("LOGGED", json.dumps({s: m["train/loss"] for s, m in rec.logged() if "train/loss" in m}))
+"""
+
+
+def _kill_then_resume(tmp_path: Path) -> tuple[Path, dict[int, float]]:
+    """Run a fit in a subprocess SIGKILLed at step 14 (checkpoint at step 8, step 12
+    logged and flushed), resume it in a new process; the log directory and the
+    ``train/loss`` each process logged."""
+    import json
+    import os
+
+    script, log_dir, ckpt = tmp_path / "kill.py", tmp_path / "tb", tmp_path / "epoch0.pt"
+    script.write_text(KILL_SCRIPT)
+    args = [sys.executable, str(script), str(log_dir), str(ckpt)]
+    env = {**os.environ, "HOOKLOOP_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    crashed = subprocess.run([*args, "crash"], env=env, capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    resumed = subprocess.run([*args, "resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    line = next(x for x in resumed.stdout.splitlines() if x.startswith("LOGGED "))
+    run2 = {int(s): v for s, v in json.loads(line[len("LOGGED "):]).items()}
+    return log_dir, run2
+
+
+def _all_points(server: Any, tag: str, count: int) -> list[Any]:
+    """The scalars of ``tag`` once the server has loaded at least ``count`` (a loader
+    may answer while it still reads the files), or what it has after 60 s."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        points = server.get(f"/data/plugin/scalars/scalars?run=.&tag={tag}")
+        if len(points) >= count or time.monotonic() > deadline:
+            return points
+        time.sleep(0.2)
+
+
+@pytest.mark.slow  # two subprocesses and two servers (about 20 s)
+def test_a_killed_run_resumed_in_a_new_process_has_no_duplicates_in_either_loader(
+    tmp_path: Path, tensorboard_server: Any, read_events: Any
+) -> None:
+    log_dir, run2 = _kill_then_resume(tmp_path)
+    assert sorted(run2) == [12, 16, 20, 24]
+    raw = [e.step for e in read_events(log_dir).Scalars("train/loss")]
+    assert raw == [4, 8, 12, 16, 20, 24]
+    for flag in ("--load_fast=true", "--load_fast=false"):
+        server = tensorboard_server(log_dir, flag)
+        points = _all_points(server, "train/loss", 6)
+        assert [p[1] for p in points] == [4, 8, 12, 16, 20, 24], flag
+        # the resumed process's values win over the killed one's at step 12
+        assert [p[2] for p in points if p[1] > 8] == pytest.approx([run2[s] for s in (12, 16, 20, 24)],
+                                                                   rel=1e-6), flag
+        val = _all_points(server, "val/loss", 3)
+        assert [p[1] for p in val] == [8, 16, 24], flag

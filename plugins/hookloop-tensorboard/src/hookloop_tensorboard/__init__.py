@@ -226,6 +226,19 @@ class TensorBoard(Tracker):
             max_queue=self.max_queue,
             flush_secs=self.flush_secs,
         )
+        if purge_step is not None:
+            self._second_session_start(purge_step)
+
+    def _second_session_start(self, purge_step: int) -> None:
+        """Write a second session start at ``purge_step``. ``SummaryWriter`` writes
+        one; the Rust loader and ``EventAccumulator`` purge on it, but the loader of
+        ``tensorboard --load_fast=false`` takes a run's first session start as its
+        beginning and purges only on later ones, and a crashed session without
+        ``purge_step`` wrote none. Purging twice at the same step changes nothing."""
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        start = Event(step=purge_step, session_log=SessionLog(status=SessionLog.START))
+        self._writer.file_writer.add_event(start)
 
     def _wait_for_sortable_name(self) -> None:
         """TensorBoard reads event files in name order, and names start with the time
