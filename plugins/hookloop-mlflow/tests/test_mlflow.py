@@ -394,3 +394,70 @@ def test_a_killed_run_resumes_in_a_new_process_as_the_same_run(mlflow_env: Any, 
     assert f"RUN {run.info.run_id}" in resumed.stdout
     assert run.info.status == "FINISHED" and run.data.tags["hookloop.run_key"] == state["run_key"]
     assert {s for s, _ in history(client, run.info.run_id, "train/loss")} == {4, 8, 12, 16}
+
+
+KILL_AFTER_CHECKPOINT_SCRIPT = """
+import json, os, signal, sys
+from hookloop.plugins import hookimpl
+from hookloop.testing import HookRecorder, tiny_loop
+from hookloop_mlflow import MLflow
+
+store, experiment, ckpt, phase, hold = sys.argv[1:6]
+options = {"experiment": experiment, "save_dir": store, "hold_until_checkpoint": hold == "hold"}
+
+
+class Die:
+    @hookimpl
+    def on_train_batch_end(self, loop):
+        if loop.state.global_step == 14:  # step 12 logged after the epoch-0 checkpoint
+            loop.get_plugin("mlflow").wait(60)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+rec = HookRecorder(["on_log"])
+checkpoint = ("checkpoint", {"dirpath": ckpt, "verbose": False, "resume": "latest"})
+plugins = [checkpoint, MLflow(**options), rec]
+tiny_loop([Die(), *plugins] if phase == "crash" else plugins).fit(max_epochs=2)
+print("LOGGED", json.dumps([[s, m] for s, m in rec.logged()]))
+"""
+
+
+def _kill_after_checkpoint_then_resume(mlflow_env: Any, tmp_path: Path, hold: str) -> tuple[Any, Any]:
+    """A fit with the checkpoint plugin SIGKILLed at step 14 (checkpoint at step 8, step
+    12 logged), resumed from the latest checkpoint in a new process: the run and the
+    scalars the resumed process logged."""
+    import json
+    import os
+    import subprocess
+
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_AFTER_CHECKPOINT_SCRIPT)
+    experiment = experiment_name()
+    args = [sys.executable, str(script), str(mlflow_env.store_dir), experiment, str(tmp_path / "ckpt")]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_env.uri}
+    crashed = subprocess.run([*args, "crash", hold], env=env, capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    resumed = subprocess.run([*args, "resume", hold], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    line = next(x for x in resumed.stdout.splitlines() if x.startswith("LOGGED "))
+    client = MlflowClient(tracking_uri=mlflow_env.uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return runs[0], json.loads(line[len("LOGGED "):])
+
+
+@pytest.mark.slow  # two subprocesses that import MLflow (about 20 s)
+def test_a_killed_run_resumed_has_one_point_per_step_with_the_resumed_values(
+    mlflow_env: Any, tmp_path: Path
+) -> None:
+    run, logged = _kill_after_checkpoint_then_resume(mlflow_env, tmp_path, "hold")
+    client = MlflowClient(tracking_uri=mlflow_env.uri)
+    assert run.info.status == "FINISHED"
+    resumed = expected_history([(s, m) for s, m in logged])
+    for key in ("train/loss", "val/loss", "train/loss_epoch"):
+        points = history(client, run.info.run_id, key)
+        steps = [s for s, _ in points]
+        assert steps == sorted(set(steps)), (key, points)  # one point per step
+        # every step the resumed process logged holds its value
+        assert {s: v for s, v in points if s in dict(resumed[key])} == pytest.approx(dict(resumed[key])), key
+    assert [s for s, _ in history(client, run.info.run_id, "train/loss")] == [4, 8, 12, 16]

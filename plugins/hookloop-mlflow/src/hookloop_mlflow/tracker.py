@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import uuid
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,15 @@ class MLflow(Tracker):
     Checkpoint artifacts follow the checkpoint plugin's best-k: a rotated checkpoint's
     artifact is deleted (``on_checkpoint_removed``).
 
+    No duplicate steps after a crash and resume: MLflow cannot delete a metric point,
+    so with ``hold_until_checkpoint`` (the default) and the checkpoint plugin in the
+    loop, the scalars logged after the last durable checkpoint are held on the
+    training thread and queued when the next checkpoint is announced
+    (``on_checkpoint_saved``, after its file is durable) or when fit ends. A process
+    that dies loses only what a resume from its last checkpoint logs again; a fit that
+    raises drops them (counted as ``dropped metrics_after_checkpoint``). Without the
+    checkpoint plugin nothing is held.
+
     HTTP tracking servers: MLflow retries a failed request up to
     ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` times with back-off and waits
     ``MLFLOW_HTTP_REQUEST_TIMEOUT`` seconds per request; while it does, only the
@@ -133,6 +143,8 @@ class MLflow(Tracker):
         (default: ``<save_dir>/artifacts`` for the default store, ``artifacts/`` beside
         the database for any other ``sqlite:///`` URI, else the server's).
     :param log_checkpoints: upload the best checkpoint as an artifact.
+    :param hold_until_checkpoint: hold the scalars logged after the last durable
+        checkpoint until the next one (see above).
     :param tracker_options: options of :class:`hookloop.tracking.Tracker`
         (``log_hparams``, ``histogram_every_n_epochs``, ``queue_size``,
         ``max_failures``, ``spool_dir``, ``close_timeout``).
@@ -154,6 +166,7 @@ class MLflow(Tracker):
         save_dir: str | os.PathLike[str] = "mlruns",
         artifact_location: str | None = None,
         log_checkpoints: bool = True,
+        hold_until_checkpoint: bool = True,
         **tracker_options: Any,
     ) -> None:
         if not sdk_installed("mlflow"):
@@ -174,6 +187,12 @@ class MLflow(Tracker):
         self.save_dir = Path(save_dir)
         self.artifact_location = artifact_location
         self.log_checkpoints = log_checkpoints
+        self.hold_until_checkpoint = hold_until_checkpoint
+        self._holding = False
+        self._pending: list[tuple[dict[str, float], int, float]] = []
+        self._held_seq = 0  # scalars held this fit (released or not)
+        self._released_seq = 0
+        self._marks: deque[int] = deque()  # _held_seq at each state_dict, oldest first
         self._fixed_id = run_id
         self._resume_id: str | None = None
         self._resume_key: str | None = None
@@ -194,6 +213,8 @@ class MLflow(Tracker):
         """The run id and tracking URI, saved in loop checkpoints so that a resume
         continues the same run."""
         uri = _safe_uri(self.resolved_uri) if self.resolved_uri else None
+        if self._holding:  # a checkpoint is being taken: what is held so far goes in it
+            self._marks.append(self._held_seq)
         return {"run_id": self.run_id, "run_key": self.run_key, "tracking_uri": uri,
                 "experiment": self.experiment}
 
@@ -224,17 +245,54 @@ class MLflow(Tracker):
         self._resume_id = self._resume_key = None
         self._status_override = None
         self.resolved_uri = self._uri()
+        self._holding = self.hold_until_checkpoint and loop.get_plugin("checkpoint") is not None
+        self._pending, self._held_seq, self._released_seq = [], 0, 0
+        self._marks.clear()
         super().on_fit_start(loop)
 
     @hookimpl
+    def on_log(self, metrics: Mapping[str, float], step: int, time: float) -> None:
+        """Queue the scalars, or hold them until the next durable checkpoint."""
+        if not self._holding:
+            super().on_log(metrics, step, time)
+            return
+        self._pending.append((dict(metrics), step, time))
+        self._held_seq += 1
+
+    def _release(self, upto: int) -> None:
+        """Queue the held scalars up to sequence number ``upto``."""
+        count = max(0, upto - self._released_seq)
+        for metrics, step, at in self._pending[:count]:
+            self._put("metrics", metrics, step, at=at)
+        del self._pending[:count]
+        self._released_seq += count
+
+    @hookimpl
     def on_checkpoint_saved(self, path: str, metrics: Mapping[str, float], is_best: bool) -> None:
-        """Queue the best checkpoint as an artifact (when ``log_checkpoints``)."""
+        """Queue the scalars the now durable checkpoint covers, and the best checkpoint
+        as an artifact (when ``log_checkpoints``)."""
+        if self._marks:
+            # checkpoints are announced in the order they were taken; a weights-only
+            # one took no loop state, and covers nothing a resume could repeat
+            self._release(self._marks.popleft())
         if self.log_checkpoints:
             super().on_checkpoint_saved(path, metrics, is_best)
 
     @hookimpl
+    def on_fit_end(self) -> None:
+        """Queue what is still held, then close the run as finished."""
+        self._release(self._held_seq)
+        self._marks.clear()
+        super().on_fit_end()
+
+    @hookimpl
     def on_exception(self, exception: BaseException) -> None:
-        """Mark the run ``FAILED`` (``KILLED`` for a KeyboardInterrupt)."""
+        """Drop the scalars held past the last durable checkpoint (a resume logs them
+        again) and mark the run ``FAILED`` (``KILLED`` for a KeyboardInterrupt)."""
+        if self._pending:
+            self.dropped["metrics_after_checkpoint"] += len(self._pending)
+            self._released_seq, self._pending = self._held_seq, []
+        self._marks.clear()
         if isinstance(exception, KeyboardInterrupt):
             self._status_override = "killed"
         super().on_exception()
