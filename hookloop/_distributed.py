@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as tdist
 from torch import nn
 
-__all__ = ["DistInfo", "all_gather_object", "all_reduce_sum", "barrier", "destroy", "set_epoch",
-           "setup", "unwrap", "wrap_model"]
+__all__ = ["DistInfo", "all_gather_object", "all_reduce_sum", "barrier", "check_optimizers",
+           "check_timeout", "destroy", "set_epoch", "setup", "unwrap", "wrap_model"]
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,50 @@ class DistInfo:
     owns_group: bool = False  # the loop initialised the process group (and destroys it)
 
 
-def setup(mode: str | bool, device: torch.device) -> DistInfo:
+def check_timeout(timeout: float | timedelta | None) -> timedelta | None:
+    """``timeout`` (seconds or a ``timedelta``) as a positive ``timedelta``; ``None`` stays
+    ``None`` (torch's default). Anything else raises ``ValueError``."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, timedelta):
+        value = timeout
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        if timeout != timeout or timeout in (float("inf"), float("-inf")):  # NaN, infinite
+            raise ValueError(f"dist_timeout must be a finite number of seconds; got {timeout!r}")
+        value = timedelta(seconds=timeout)
+    else:
+        raise ValueError(f"dist_timeout must be seconds (int or float) or a datetime.timedelta; "
+                         f"got {type(timeout).__name__}")
+    if value <= timedelta(0):
+        raise ValueError(f"dist_timeout must be positive; got {timeout!r}")
+    return value
+
+
+def check_optimizers(optimizers: list[Any]) -> None:
+    """Refuse optimizers whose state the loop cannot checkpoint: a
+    ``ZeroRedundancyOptimizer`` shards its state over the ranks, and ``state_dict()``
+    needs a ``consolidate_state_dict`` collective on every rank first."""
+    if not tdist.is_available():
+        return
+    try:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+    except ImportError:  # a build without it
+        return
+    for opt in optimizers:
+        if isinstance(opt, ZeroRedundancyOptimizer):
+            raise NotImplementedError(
+                "hookloop does not support torch.distributed.optim.ZeroRedundancyOptimizer yet "
+                "(its state is sharded over the ranks; the loop's checkpoints take the full "
+                "optimizer state from rank 0). Use a plain torch.optim optimizer (e.g. AdamW) "
+                "with DDP; see 'Not supported yet' in docs/distributed.md"
+            )
+
+
+def setup(mode: str | bool, device: torch.device, timeout: timedelta | None = None) -> DistInfo:
     """Use an initialised process group, or initialise one from torchrun's environment
-    (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``) when ``mode == "auto"``."""
+    (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``) when ``mode == "auto"``, with ``timeout``
+    (torch's default when ``None``). A ``timeout`` with a process group initialised
+    elsewhere is an error: it belongs in that ``init_process_group`` call."""
     if mode is False or mode == "off" or not tdist.is_available():
         return DistInfo()
     if mode not in ("auto", True):
@@ -37,10 +79,18 @@ def setup(mode: str | bool, device: torch.device) -> DistInfo:
         env = os.environ
         if int(env.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in env and "RANK" in env:
             backend = "nccl" if device.type == "cuda" else "gloo"
-            tdist.init_process_group(backend=backend)
+            if timeout is None:
+                tdist.init_process_group(backend=backend)
+            else:
+                tdist.init_process_group(backend=backend, timeout=timeout)
             owns = True
         else:
             return DistInfo()
+    elif timeout is not None:
+        raise ValueError(
+            "dist_timeout applies only to a process group the loop creates; this process "
+            "group was initialised before the loop: pass the timeout to "
+            "torch.distributed.init_process_group(timeout=...) instead")
     world = tdist.get_world_size()
     if world <= 1:
         return DistInfo(owns_group=owns)

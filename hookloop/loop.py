@@ -14,6 +14,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -92,6 +93,12 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
         ``HOOKLOOP_DISABLE_PLUGIN_AUTOLOAD``).
     :param distributed: ``"auto"`` uses an initialised process group or initialises
         one from torchrun's environment; ``False`` never does.
+    :param dist_timeout: timeout of the process group the loop initialises (seconds or a
+        ``datetime.timedelta``, positive), passed to ``init_process_group(timeout=...)``:
+        how long a collective waits for a stuck or dead rank before it fails. ``None``:
+        torch's default (10 minutes for NCCL, 30 for gloo). With a process group
+        initialised before the loop it is an error: pass it to that
+        ``init_process_group`` call.
 
     Use it as a context manager (``with Loop(...) as loop:``) or call :meth:`close` to
     release what the loop and its plugins hold.
@@ -124,6 +131,7 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
         hparams: Mapping[str, Any] | None = None,
         autoload: bool = True,
         distributed: str | bool = "auto",
+        dist_timeout: float | timedelta | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -155,6 +163,7 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
             scheduler_interval=scheduler_interval, scheduler_monitor=scheduler_monitor,
         )
         self.optim.check(self.module)
+        dist.check_optimizers(self.optim.optimizers)
         self.optimizers = self.optim.optimizers
         self.schedulers = self.optim.schedulers
         self.scaler = self.optim.scaler
@@ -171,7 +180,7 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
         self.val_metrics = dict(val_metrics or {})
         self.user_hparams = dict(hparams or {})
 
-        self._dist = dist.setup(distributed, self.device)
+        self._dist = dist.setup(distributed, self.device, dist.check_timeout(dist_timeout))
         if self._dist.active:
             self.state.rank = self._dist.rank
             self.state.world_size = self._dist.world_size
