@@ -507,7 +507,7 @@ def _all_points(server: Any, tag: str, count: int) -> list[Any]:
         time.sleep(0.2)
 
 
-@pytest.mark.slow  # two subprocesses and two servers (about 20 s)
+@pytest.mark.slow  # two subprocesses and two servers (about 15 s)
 def test_a_killed_run_resumed_in_a_new_process_has_no_duplicates_in_either_loader(
     tmp_path: Path, tensorboard_server: Any, read_events: Any
 ) -> None:
@@ -524,3 +524,114 @@ def test_a_killed_run_resumed_in_a_new_process_has_no_duplicates_in_either_loade
                                                                    rel=1e-6), flag
         val = _all_points(server, "val/loss", 3)
         assert [p[1] for p in val] == [8, 16, 24], flag
+
+
+DISK_FULL_SCRIPT = """
+import subprocess, sys, warnings
+from pathlib import Path
+from hookloop.plugins import hookimpl
+from hookloop.testing import HookRecorder, tiny_loop
+from hookloop_tensorboard import TensorBoard
+from tensorboard.backend.event_processing import event_accumulator as ea
+
+d = Path(sys.argv[1])
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], check=True)
+try:
+    class Fill:
+        # fills the file system once the first epoch is written
+        @hookimpl
+        def on_train_epoch_start(self, loop, epoch):
+            if epoch == 1:
+                loop.get_plugin("tensorboard").wait(60)
+                with open(d / "filler", "wb", buffering=0) as fh:
+                    try:
+                        while True:
+                            fh.write(bytes(4096))
+                    except OSError:
+                        pass
+                # more than the free end of the event file's last page
+                loop.log_text("notes", "x" * 16384)
+
+    rec = HookRecorder(["on_log"])
+    tb = TensorBoard(d / "tb")
+    with warnings.catch_warnings(record=True):
+        tiny_loop([Fill(), rec, tb]).fit(max_epochs=3)
+    acc = ea.EventAccumulator(str(d / "tb"), size_guidance=ea.STORE_EVERYTHING_SIZE_GUIDANCE)
+    acc.Reload()
+    before = [m for s, m in rec.logged() if s <= 8]
+    print("LOGGED_BEFORE", len(before), sum(len(m) for m in before))
+    print("IN_FILE", sum(len(acc.Scalars(t)) for t in acc.Tags()["scalars"]))
+    print("COUNTS", tb.recorded["metrics"], tb.failed["metrics"], tb.dropped["metrics"])
+    print("TEXT", tb.recorded["text"], tb.failed["text"])
+    print("REPORT", tb.report)
+finally:
+    subprocess.run(["umount", str(d)], check=False)
+"""
+
+
+def _unmount(d: Path) -> None:
+    """Unmount whatever is still mounted on ``d`` (lazily if busy)."""
+    import os
+
+    for _ in range(4):
+        if not os.path.ismount(d):
+            return
+        if subprocess.run(["umount", str(d)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def _mount_prefix(probe: Path) -> list[str]:
+    """How a subprocess can mount a tmpfs: ``[]`` as root with CAP_SYS_ADMIN,
+    ``["unshare", "-rm"]`` in a private user and mount namespace; skips naming what is
+    missing when neither works."""
+    import os
+    import shutil
+
+    if shutil.which("mount") is None:
+        pytest.skip("no `mount` command: cannot mount a tmpfs to fill")
+    why: list[str] = []
+    if os.geteuid() == 0:
+        probe.mkdir()
+        try:
+            out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)],
+                                 capture_output=True, text=True)
+        finally:
+            _unmount(probe)
+        if out.returncode == 0:
+            return []
+        why.append(f"running as root, `mount -t tmpfs` failed (CAP_SYS_ADMIN missing?): {out.stderr.strip()}")
+    else:
+        why.append(f"not root (uid {os.geteuid()}): no CAP_SYS_ADMIN to mount a tmpfs")
+    if shutil.which("unshare") is not None:
+        if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0:
+            return ["unshare", "-rm"]
+        why.append("`unshare -rm` (user+mount namespaces) not allowed")
+    else:
+        why.append("no `unshare` command for a user+mount namespace")
+    pytest.skip("cannot mount a tmpfs to fill: " + "; ".join(why))
+
+
+def test_disk_full_mid_run_counts_failures_not_records(tmp_path: Path) -> None:
+    """A real full tmpfs (ENOSPC) after the first epoch: what the event file holds is
+    what the summary calls recorded, the failed writes are failures, and TensorBoard's
+    writer thread prints no traceback."""
+    prefix = _mount_prefix(tmp_path / "probe")
+    d = tmp_path / "full"
+    d.mkdir()
+    script = tmp_path / "full.py"
+    script.write_text(DISK_FULL_SCRIPT)
+    try:
+        out = subprocess.run([*prefix, sys.executable, str(script), str(d)], capture_output=True,
+                             text=True, timeout=300, env={**__import__("os").environ,
+                                                          "HOOKLOOP_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    finally:
+        _unmount(d)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = {x.split(" ", 1)[0]: x.split(" ", 1)[1] for x in out.stdout.splitlines() if " " in x}
+    calls, scalars = map(int, lines["LOGGED_BEFORE"].split())
+    recorded, failed, _dropped = map(int, lines["COUNTS"].split())
+    assert int(lines["IN_FILE"]) == scalars > 0, out.stdout
+    assert recorded == calls, out.stdout
+    assert failed >= 1 and "No space left on device" in lines["REPORT"], out.stdout
+    assert lines["TEXT"] == "0 1", out.stdout  # the write that hit the full disk
+    assert "Traceback" not in out.stderr and "Exception in thread" not in out.stderr, out.stderr[-3000:]

@@ -109,6 +109,44 @@ def _drop_session_end(log_dir: Path) -> None:
         os.replace(tmp, path)
 
 
+class _GuardedRecords:
+    """Stands in for the record writer of TensorBoard's writer thread: a write error
+    (disk full) is stored for the next call on the tracker's worker to raise, not left
+    to kill the thread with an uncaught traceback; after one, nothing more is written
+    (a half-written record would make later ones unreadable)."""
+
+    def __init__(self, records: Any, worker: Any) -> None:
+        self._records = records
+        self._worker = worker
+
+    def _guard(self, method: str, *args: Any) -> None:
+        if self._worker.exception is not None:
+            return
+        try:
+            getattr(self._records, method)(*args)
+        except Exception as exc:
+            self._worker.exception = exc
+
+    def write(self, data: bytes) -> None:
+        self._guard("write", data)
+
+    def flush(self) -> None:
+        self._guard("flush")
+
+    def close(self) -> None:
+        self._guard("close")
+
+
+def _guard_writer_thread(writer: Any) -> None:
+    """Put :class:`_GuardedRecords` between a ``SummaryWriter``'s writer thread and its
+    event file (skipped if TensorBoard's internals differ)."""
+    worker = getattr(getattr(getattr(writer.file_writer, "event_writer", None), "_async_writer", None),
+                     "_worker", None)
+    records = getattr(worker, "_record_writer", None)
+    if records is not None and hasattr(worker, "exception"):
+        worker._record_writer = _GuardedRecords(records, worker)
+
+
 class TensorBoard(Tracker):
     """Write scalars, hyperparameters, text, images, histograms and (optionally) the
     model graph to TensorBoard event files in ``log_dir``.
@@ -124,6 +162,9 @@ class TensorBoard(Tracker):
       are discarded by TensorBoard, so steps continue with no duplicates.
     - TensorBoard has no artifacts: the best checkpoint is recorded as text under
       ``checkpoint/best`` (its path and metrics).
+    - Every record is flushed to the event file as the worker writes it, so a write
+      that fails (disk full) is counted as failed, never as recorded; TensorBoard's
+      own writer thread stores the error instead of dying with a traceback.
 
     :param log_dir: directory of the event files (created when needed).
     :param log_graph: record the model graph, traced (on the training thread, in eval
@@ -226,6 +267,7 @@ class TensorBoard(Tracker):
             max_queue=self.max_queue,
             flush_secs=self.flush_secs,
         )
+        _guard_writer_thread(self._writer)
         if purge_step is not None:
             self._second_session_start(purge_step)
 
@@ -258,6 +300,7 @@ class TensorBoard(Tracker):
         writer = self._require_writer()
         _exp, ssi, _sei = hparams(flatten_hparams(params), {})
         writer.file_writer.add_summary(ssi, self._last_step, self.record_time)
+        self._written()
 
     def _backend_metrics(self, metrics: dict[str, float], step: int) -> None:
         """One scalar per metric at ``step``, with the time it was logged."""
@@ -265,11 +308,13 @@ class TensorBoard(Tracker):
         for name, value in metrics.items():
             writer.add_scalar(name, value, step, walltime=self.record_time)
         self._last_step = max(self._last_step, step)
+        self._written()
 
     def _backend_text(self, name: str, text: str, step: int) -> None:
         """Text (Markdown) at ``step``."""
         self._require_writer().add_text(name, text, step, walltime=self.record_time)
         self._last_step = max(self._last_step, step)
+        self._written()
 
     def _backend_image(self, name: str, image: Any, step: int) -> None:
         """An image: a tensor ``(C, H, W)`` or ``(H, W)`` in [0, 1], or an ``(H, W, 3)``
@@ -285,16 +330,19 @@ class TensorBoard(Tracker):
         else:
             writer.add_image(name, image, step, walltime=self.record_time, dataformats="HWC")
         self._last_step = max(self._last_step, step)
+        self._written()
 
     def _backend_histogram(self, name: str, values: torch.Tensor, step: int) -> None:
         """A histogram of ``values`` at ``step`` (TensorBoard shows it under
         histograms and distributions)."""
         self._require_writer().add_histogram(name, values, step, walltime=self.record_time)
         self._last_step = max(self._last_step, step)
+        self._written()
 
     def _backend_graph(self, graph: Any) -> None:
         """Write a graph traced on the training thread (:meth:`on_log_graph`)."""
         self._require_writer().file_writer.add_graph(graph, self.record_time)
+        self._written()
 
     def _backend_mesh(self, name: str, vertices: torch.Tensor, faces: torch.Tensor | None,
                       colors: torch.Tensor | None, step: int) -> None:
@@ -302,12 +350,19 @@ class TensorBoard(Tracker):
         self._require_writer().add_mesh(name, vertices, colors=colors, faces=faces,
                                         global_step=step, walltime=self.record_time)
         self._last_step = max(self._last_step, step)
+        self._written()
 
     def _backend_artifact(self, path: str, metrics: dict[str, float]) -> None:
         """Record the best checkpoint's path and metrics as text (no artifact store)."""
         shown = ", ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items()))
         self._require_writer().add_text("checkpoint/best", f"`{path}` ({shown})", self._last_step,
                                         walltime=self.record_time)
+        self._written()
+
+    def _written(self) -> None:
+        """Flush what the last call wrote: its write error (disk full) raises here, on
+        the tracker's worker, and the record counts as failed."""
+        self._require_writer().flush()
 
     def _backend_flush(self) -> None:
         """Flush the event file."""
