@@ -32,6 +32,7 @@ from torch import nn
 from hookloop import hookspecs
 from hookloop.loop import Loop
 from hookloop.plugins import HOOK_NAMES, hookimpl
+from hookloop.testing.mounts import tmpfs_mount_prefix, unmount
 from hookloop.testing.syncguard import SyncEvent, SyncGuard
 
 __all__ = [
@@ -48,6 +49,8 @@ __all__ = [
     "tiny_data",
     "tiny_loop",
     "tiny_model",
+    "tmpfs_mount_prefix",
+    "unmount",
 ]
 
 

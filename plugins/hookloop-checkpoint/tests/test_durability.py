@@ -26,7 +26,7 @@ from hookloop_checkpoint import (
 from hookloop_checkpoint._io import file_digest
 
 from hookloop.plugins import hookimpl
-from hookloop.testing import run_plugin, tiny_loop
+from hookloop.testing import run_plugin, tiny_loop, tmpfs_mount_prefix, unmount
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ckpt_testlib import WORKER
@@ -238,60 +238,12 @@ finally:
 """
 
 
-def _run_quiet(cmd: list[str]) -> tuple[bool, str]:
-    """Run ``cmd``; whether it succeeded, and its last error line."""
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return False, str(exc)
-    lines = (out.stderr or out.stdout).strip().splitlines()
-    return out.returncode == 0, lines[-1] if lines else f"exit status {out.returncode}"
-
-
-def _unmount(d: Path) -> None:
-    """Unmount whatever is still mounted on ``d`` (lazily if busy)."""
-    for _ in range(4):
-        if not os.path.ismount(d):
-            return
-        if subprocess.run(["umount", str(d)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(d)], capture_output=True)
-
-
-def _mount_prefix(probe: Path) -> list[str]:
-    """How this test can mount a tmpfs: ``[]`` directly (root with CAP_SYS_ADMIN, as in
-    a privileged container), ``["unshare", "-rm"]`` in a private user and mount
-    namespace (no privileges needed where user namespaces are allowed). Skips with the
-    capability that is missing when neither works."""
-    why: list[str] = []
-    if shutil.which("mount") is None:
-        pytest.skip("no `mount` command: cannot mount a tmpfs for the read-only/full cases")
-    if os.geteuid() == 0:
-        probe.mkdir()
-        try:
-            ok, err = _run_quiet(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)])
-        finally:
-            _unmount(probe)
-        if ok:
-            return []
-        why.append(f"running as root, `mount -t tmpfs` failed (CAP_SYS_ADMIN missing?): {err}")
-    else:
-        why.append(f"not root (uid {os.geteuid()}): no CAP_SYS_ADMIN to mount a tmpfs")
-    if shutil.which("unshare") is None:
-        why.append("no `unshare` command for a user+mount namespace")
-    else:
-        ok, err = _run_quiet(["unshare", "-rm", "true"])
-        if ok:
-            return ["unshare", "-rm"]
-        why.append(f"`unshare -rm` (user+mount namespaces) not allowed: {err}")
-    pytest.skip("cannot mount a tmpfs for the read-only/full cases: " + "; ".join(why))
-
-
 @pytest.mark.parametrize(("mode", "err"), [("ro", "EROFS"), ("full", "ENOSPC")])
 def test_read_only_and_full_file_system(tmp_path: Path, mode: str, err: str) -> None:
     """A real read-only mount (EROFS) and a real full tmpfs (ENOSPC): mounted directly
     as root, else in a private mount namespace (``unshare -rm``); a skip names what is
     missing. Always unmounted afterwards."""
-    prefix = _mount_prefix(tmp_path / "probe")
+    prefix = tmpfs_mount_prefix(tmp_path / "probe", "the read-only/full cases")
     d = tmp_path / mode
     d.mkdir()
     script = tmp_path / "ro.py"
@@ -300,7 +252,7 @@ def test_read_only_and_full_file_system(tmp_path: Path, mode: str, err: str) -> 
         out = subprocess.run([*prefix, sys.executable, str(script), mode, str(d)],
                              capture_output=True, text=True, timeout=300)
     finally:
-        _unmount(d)
+        unmount(d)
     assert not os.path.ismount(d)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"{mode} RAISED OSError {err}" in out.stdout, out.stdout + out.stderr[-2000:]

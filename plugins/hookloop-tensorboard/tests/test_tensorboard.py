@@ -16,7 +16,7 @@ from hookloop_tensorboard import INSTALL_HINT, TensorBoard, flatten_hparams
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
 from hookloop.plugins import PluginManager, hookimpl
-from hookloop.testing import HookRecorder, tiny_loop
+from hookloop.testing import HookRecorder, tiny_loop, tmpfs_mount_prefix, unmount
 from hookloop.tracking import MASK
 
 
@@ -569,53 +569,11 @@ finally:
 """
 
 
-def _unmount(d: Path) -> None:
-    """Unmount whatever is still mounted on ``d`` (lazily if busy)."""
-    import os
-
-    for _ in range(4):
-        if not os.path.ismount(d):
-            return
-        if subprocess.run(["umount", str(d)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(d)], capture_output=True)
-
-
-def _mount_prefix(probe: Path) -> list[str]:
-    """How a subprocess can mount a tmpfs: ``[]`` as root with CAP_SYS_ADMIN,
-    ``["unshare", "-rm"]`` in a private user and mount namespace; skips naming what is
-    missing when neither works."""
-    import os
-    import shutil
-
-    if shutil.which("mount") is None:
-        pytest.skip("no `mount` command: cannot mount a tmpfs to fill")
-    why: list[str] = []
-    if os.geteuid() == 0:
-        probe.mkdir()
-        try:
-            out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)],
-                                 capture_output=True, text=True)
-        finally:
-            _unmount(probe)
-        if out.returncode == 0:
-            return []
-        why.append(f"running as root, `mount -t tmpfs` failed (CAP_SYS_ADMIN missing?): {out.stderr.strip()}")
-    else:
-        why.append(f"not root (uid {os.geteuid()}): no CAP_SYS_ADMIN to mount a tmpfs")
-    if shutil.which("unshare") is not None:
-        if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0:
-            return ["unshare", "-rm"]
-        why.append("`unshare -rm` (user+mount namespaces) not allowed")
-    else:
-        why.append("no `unshare` command for a user+mount namespace")
-    pytest.skip("cannot mount a tmpfs to fill: " + "; ".join(why))
-
-
 def test_disk_full_mid_run_counts_failures_not_records(tmp_path: Path) -> None:
     """A real full tmpfs (ENOSPC) after the first epoch: what the event file holds is
     what the summary calls recorded, the failed writes are failures, and TensorBoard's
     writer thread prints no traceback."""
-    prefix = _mount_prefix(tmp_path / "probe")
+    prefix = tmpfs_mount_prefix(tmp_path / "probe", "a full disk")
     d = tmp_path / "full"
     d.mkdir()
     script = tmp_path / "full.py"
@@ -625,7 +583,7 @@ def test_disk_full_mid_run_counts_failures_not_records(tmp_path: Path) -> None:
                              text=True, timeout=300, env={**__import__("os").environ,
                                                           "HOOKLOOP_DISABLE_PLUGIN_AUTOLOAD": "1"})
     finally:
-        _unmount(d)
+        unmount(d)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = {x.split(" ", 1)[0]: x.split(" ", 1)[1] for x in out.stdout.splitlines() if " " in x}
     calls, scalars = map(int, lines["LOGGED_BEFORE"].split())
