@@ -3,12 +3,14 @@ shuffling, a scheduler and python/numpy randomness, so that every RNG matters.""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from hookloop_checkpoint._io import MANIFEST_NAME
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -72,3 +74,17 @@ def assert_same_run(a: Loop, b: Loop) -> None:
 def rng_now() -> tuple[Any, ...]:
     """The global RNG states, comparable with ==/torch.equal."""
     return (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].tolist())
+
+
+def scripted(values: list[float], name: str = "val/score"):
+    """A validation step that logs ``values[epoch]`` as ``name``."""
+
+    def val_step(loop, batch):
+        loop.log(name, values[loop.state.epoch])
+
+    return val_step
+
+
+def manifest(d: Path) -> dict:
+    """The checkpoint folder's manifest, parsed."""
+    return json.loads((d / MANIFEST_NAME).read_text())

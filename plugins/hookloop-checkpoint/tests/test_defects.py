@@ -3,7 +3,6 @@ fails on the plugin as it was before its fix."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -13,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from ckpt_testlib import manifest, scripted
 from hookloop_checkpoint import (
-    MANIFEST_NAME,
     Checkpoint,
     MonitorNotFoundError,
     UnsafeCheckpointError,
@@ -24,19 +23,6 @@ from hookloop_checkpoint import (
 )
 
 from hookloop.testing import HookRecorder, run_plugin, tiny_loop
-
-
-def scripted(values: list[float], name: str = "val/score"):
-    """A validation step that logs ``values[epoch]`` as ``name``."""
-
-    def val_step(loop, batch):
-        loop.log(name, values[loop.state.epoch])
-
-    return val_step
-
-
-def manifest(d: Path) -> dict:
-    return json.loads((d / MANIFEST_NAME).read_text())
 
 
 def files(d: Path) -> dict[str, int]:

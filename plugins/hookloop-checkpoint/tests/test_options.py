@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from ckpt_testlib import manifest, scripted
 from hookloop_checkpoint import (
     MANIFEST_NAME,
     Checkpoint,
@@ -23,19 +24,6 @@ from hookloop_checkpoint import (
 
 from hookloop.plugins import hookimpl
 from hookloop.testing import HookRecorder, run_plugin, tiny_loop, tiny_model
-
-
-def scripted(values: list[float], name: str = "val/score"):
-    """A validation step that logs ``values[epoch]`` as ``name``."""
-
-    def val_step(loop, batch):
-        loop.log(name, values[loop.state.epoch])
-
-    return val_step
-
-
-def manifest(d: Path) -> dict:
-    return json.loads((d / MANIFEST_NAME).read_text())
 
 
 class Crash:

@@ -12,7 +12,6 @@ keras/src/callbacks/model_checkpoint_test.py.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from ckpt_testlib import manifest, scripted
 from hookloop_checkpoint import (
-    MANIFEST_NAME,
     Checkpoint,
     MonitorNotFoundError,
     load,
@@ -34,19 +33,6 @@ from hookloop.plugins import hookimpl
 from hookloop.testing import HookRecorder, run_plugin, tiny_loop, tiny_model
 
 STEPS = 8  # optimizer steps per epoch of tiny_loop
-
-
-def scripted(values: list[float], name: str = "val/score"):
-    """A validation step that logs ``values[epoch]`` as ``name``."""
-
-    def val_step(loop, batch):
-        loop.log(name, values[loop.state.epoch])
-
-    return val_step
-
-
-def manifest(d: Path) -> dict:
-    return json.loads((d / MANIFEST_NAME).read_text())
 
 
 def names(d: Path) -> set[str]:

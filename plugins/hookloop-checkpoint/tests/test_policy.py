@@ -3,13 +3,13 @@ announced, and what they contain."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from ckpt_testlib import manifest, scripted
 from hookloop_checkpoint import (
     MANIFEST_NAME,
     Checkpoint,
@@ -25,19 +25,6 @@ from hookloop_checkpoint import (
 )
 
 from hookloop.testing import HookRecorder, run_plugin, tiny_loop
-
-
-def scripted(values: list[float], name: str = "val/score"):
-    """A validation step that logs ``values[epoch]`` as ``name``."""
-
-    def val_step(loop, batch):
-        loop.log(name, values[loop.state.epoch])
-
-    return val_step
-
-
-def manifest(d: Path) -> dict:
-    return json.loads((d / MANIFEST_NAME).read_text())
 
 
 def kept_scores(d: Path) -> list[float]:
