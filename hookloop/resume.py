@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hookloop import _distributed as dist
+from hookloop import position
 from hookloop._devices import to_device
 
 if TYPE_CHECKING:
@@ -178,6 +179,9 @@ def collect(loop: Loop) -> dict[str, Any]:
         "loop": loop.state.counters(),
         "metrics_pending": pending,
         "rng": ranks,
+        "position": {**position.saved_position(loop.train_data, loop.state.epoch_batches_done,
+                                               loop._epoch_base),
+                     "world_size": loop.state.world_size},
         "plugins": plugins,
         "plugin_meta": meta,
         "hparams": _plain_hparams(mask_secrets(loop.hparams)),  # checkpoints get uploaded
@@ -335,6 +339,11 @@ def restore(loop: Loop, checkpoint: Mapping[str, Any], *, strict: bool = True) -
         raise ResumeError("checkpoint does not fit this loop:\n  " + "\n  ".join(problems))
     problems += _check_model(loop, checkpoint["model"], strict)
     problems += _check_optim(loop, checkpoint)
+    counters = checkpoint["loop"]
+    if loop.train_data is not None and not counters.get("epoch_done"):
+        saved = checkpoint.get("position")
+        problems += position.check(loop.train_data, saved, (saved or {}).get(
+            "world_size", len(checkpoint.get("rng") or [None])), loop.state.world_size)
     matches, plugin_problems, notes = _match_plugins(loop, checkpoint)
     if strict:
         problems += plugin_problems
@@ -375,6 +384,9 @@ def _apply(loop: Loop, checkpoint: Mapping[str, Any], matches: list[tuple[str, A
         loop._rng_epoch_start = mine.get("epoch_start")
         loop._loader_state = mine.get("loader") or {}
         mid_epoch = loop.state.epoch_batches_done and not loop.state.epoch_done
+        loop._position = checkpoint.get("position") if mid_epoch else None
+        if loop._position is None and mid_epoch:  # an older checkpoint: batches only
+            loop._position = {"batches": loop.state.epoch_batches_done, "world_size": len(ranks)}
         loop._resume_rng = mine["now"] if mid_epoch else None
     h = loop.callers.on_load_checkpoint
     if h is not None:
