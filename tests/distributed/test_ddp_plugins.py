@@ -121,3 +121,17 @@ def test_sigterm_on_rank_1_with_the_checkpoint_plugin_saves_and_stops_both_ranks
     assert r0["code"] == r1["code"] == 143
     assert run.returncode != 0
     _assert_intact(tmp_path / "ckpt", 30)
+
+
+def test_checkpoint_folders_that_differ_between_ranks_fail_on_every_rank(tmp_path: Path) -> None:
+    run = torchrun("worker_folders.py", tmp_path)
+    assert run.returncode == 0, run.output[-8000:]
+    rank0, rank1 = run.results("folders")
+    assert rank0["first"] is None and rank1["first"] is None
+    assert "checkpoints.json" in rank0["files"] and rank1["files"] == []  # only rank 0 writes
+    for r in (rank0, rank1):
+        err = r["second"]
+        assert err is not None and err.startswith("ResumeDisagreementError: the ranks do not agree")
+        assert "rank 1: no checkpoint in" in err and "node1 (a fresh start)" in err
+        assert "step 4" in err.split("rank 1:")[0]  # what rank 0 found: its checkpoint at step 4
+        assert "storage that every node shares" in err

@@ -419,22 +419,39 @@ class Checkpoint:
     @hookimpl
     def on_resume(self, loop: Loop) -> dict[str, Any] | None:
         """Supply the checkpoint named by ``resume`` at the first fit of a loop; the
-        loop validates and restores it before any ``on_fit_start``."""
+        loop validates and restores it before any ``on_fit_start``. Under DDP the ranks
+        compare what each found (one ``all_gather_object``) and every rank raises
+        :class:`ResumeDisagreementError` when they differ (a node-local ``dirpath``)."""
         if self.resume is None or (self._resumed_for is not None and self._resumed_for() is loop):
             return None
         self._resumed_for = weakref.ref(loop)
         source = self.dirpath if str(self.resume) in ("latest", "last") else Path(self.resume)  # type: ignore[arg-type]
+        ckpt: dict[str, Any] | None = None
+        error: Exception | None = None
         try:
-            ckpt = load_checkpoint(source, loop.device)
+            ckpt = self._find_resume(source, loop)
+        except Exception as exc:  # shared with the other ranks first, then raised
+            error = exc
+        if loop.state.world_size > 1:
+            _agree_on_resume(source, ckpt, error)
+        if error is not None:
+            raise error
+        if ckpt is not None:
+            info = ckpt.get("checkpoint", {})
+            log.info("hookloop.checkpoint: resuming from %s (epoch %s, step %s)", info.get("path"),
+                     ckpt["loop"].get("epoch"), ckpt["loop"].get("global_step"))
+        return ckpt
+
+    def _find_resume(self, source: Path, loop: Loop) -> dict[str, Any] | None:
+        """The checkpoint at ``source``; ``None`` for a fresh start (no checkpoint in
+        ``dirpath`` yet)."""
+        try:
+            return load_checkpoint(source, loop.device)
         except CheckpointNotFoundError:
             if source == self.dirpath and not (self.dirpath / "checkpoints.json").exists():
                 log.info("hookloop.checkpoint: no checkpoint in %s yet; starting fresh", self.dirpath)
                 return None
             raise
-        info = ckpt.get("checkpoint", {})
-        log.info("hookloop.checkpoint: resuming from %s (epoch %s, step %s)", info.get("path"),
-                 ckpt["loop"].get("epoch"), ckpt["loop"].get("global_step"))
-        return ckpt
 
     @hookimpl
     def on_load_checkpoint(self, loop: Loop) -> None:
@@ -1067,3 +1084,34 @@ class Checkpoint:
                 signal.signal(signum, prev if prev is not None else signal.SIG_DFL)
         self._prev_handlers = {}
 
+
+class ResumeDisagreementError(CheckpointError, RuntimeError):
+    """Under DDP the ranks found different checkpoints to resume from (or some found
+    none): raised on every rank, naming what each rank found."""
+
+
+def _resume_identity(source: Path, ckpt: Mapping[str, Any] | None, error: Exception | None) -> str:
+    """What a rank found to resume from, comparable across ranks."""
+    if error is not None:
+        return f"cannot resume from {source}: {type(error).__name__}: {error}"
+    if ckpt is None:
+        return f"no checkpoint in {source} (a fresh start)"
+    info, counters = ckpt.get("checkpoint") or {}, ckpt.get("loop") or {}
+    return (f"{info.get('name', source)} (epoch {counters.get('epoch')}, step "
+            f"{counters.get('global_step')}, saved at {info.get('time')})")
+
+
+def _agree_on_resume(source: Path, ckpt: Mapping[str, Any] | None, error: Exception | None) -> None:
+    """Raise on every rank unless every rank found the same checkpoint (or none)."""
+    import torch.distributed as tdist
+
+    mine = _resume_identity(source, ckpt, error)
+    found: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(found, mine)
+    if len(set(found)) == 1:
+        return
+    per_rank = "\n  ".join(f"rank {r}: {what}" for r, what in enumerate(found))
+    raise ResumeDisagreementError(
+        f"the ranks do not agree on what to resume:\n  {per_rank}\nEvery rank must read the "
+        f"same checkpoint folder: put dirpath ({source}) on storage that every node shares "
+        "at the same path (see 'Checkpoint storage' in docs/distributed.md)")
