@@ -336,6 +336,8 @@ def restore(loop: Loop, checkpoint: Mapping[str, Any], *, strict: bool = True) -
         if key not in checkpoint:
             problems.append(f"the checkpoint has no {key!r} entry")
     if problems:
+        if loop._dist.active:
+            _agree(checkpoint, True)
         raise ResumeError("checkpoint does not fit this loop:\n  " + "\n  ".join(problems))
     problems += _check_model(loop, checkpoint["model"], strict)
     problems += _check_optim(loop, checkpoint)
@@ -349,6 +351,8 @@ def restore(loop: Loop, checkpoint: Mapping[str, Any], *, strict: bool = True) -
         problems += plugin_problems
     else:
         notes += plugin_problems
+    if loop._dist.active:  # every rank restores the same state, or none does
+        _agree(checkpoint, bool(problems))
     if problems:
         raise ResumeError(
             "checkpoint does not fit this loop; nothing was restored:\n  " + "\n  ".join(problems)
@@ -357,6 +361,24 @@ def restore(loop: Loop, checkpoint: Mapping[str, Any], *, strict: bool = True) -
     for note in notes:
         log.warning("hookloop: resume: %s", note)
     _apply(loop, checkpoint, matches, strict)
+
+
+def _agree(checkpoint: Mapping[str, Any], failed: bool) -> None:
+    """Under DDP: raise on every rank when the ranks were given different checkpoints
+    (told apart by their counters and position) or when another rank's does not fit."""
+    counters = checkpoint.get("loop") or {}
+    mine = (f"epoch {counters.get('epoch')}, step {counters.get('global_step')}, "
+            f"{counters.get('epoch_batches_done')} batch(es) into the epoch")
+    found = dist.all_gather_object((mine, failed))
+    if len({what for what, _ in found}) > 1:
+        per_rank = "\n  ".join(f"rank {r}: {what}" for r, (what, _) in enumerate(found))
+        raise ResumeError("the ranks were given different checkpoints to resume from; nothing was "
+                          f"restored:\n  {per_rank}\nEvery rank must load the same checkpoint "
+                          "(a checkpoint folder on storage every node shares)")
+    others = [r for r, (_, bad) in enumerate(found) if bad]
+    if others and not failed:
+        raise ResumeError(f"the checkpoint does not fit the loop on rank(s) {others} (see their "
+                          "errors); nothing was restored on any rank")
 
 
 def _apply(loop: Loop, checkpoint: Mapping[str, Any], matches: list[tuple[str, Any, str]],

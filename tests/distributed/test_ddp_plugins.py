@@ -135,3 +135,7 @@ def test_checkpoint_folders_that_differ_between_ranks_fail_on_every_rank(tmp_pat
         assert "rank 1: no checkpoint in" in err and "node1 (a fresh start)" in err
         assert "step 4" in err.split("rank 1:")[0]  # what rank 0 found: its checkpoint at step 4
         assert "storage that every node shares" in err
+        err = r["third"]  # checkpoints given by hand: the loop itself compares them
+        assert err is not None and err.startswith("ResumeError: the ranks were given different checkpoints")
+        said0, said1 = err.split("rank 0: ")[1].split("rank 1: ")
+        assert "step 4," in said0 and "step 2," in said1
