@@ -117,10 +117,20 @@ def test_last_complete_checkpoint_is_intact_after_an_exception_on_rank_1(tmp_pat
 def test_sigterm_on_rank_1_with_the_checkpoint_plugin_saves_and_stops_both_ranks(tmp_path: Path) -> None:
     run = torchrun("worker_fail.py", tmp_path, "sigterm", "25", "ckpt")
     r0, r1 = (json.loads((tmp_path / f"preempted.rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["step"] == r1["step"] == 30  # agreed at the next log interval
+    # received at step 25 (log interval 10), voted on at 30, acted on at 31
+    assert r0["step"] == r1["step"] == 31
     assert r0["code"] == r1["code"] == 143
     assert run.returncode != 0
-    _assert_intact(tmp_path / "ckpt", 30)
+    _assert_intact(tmp_path / "ckpt", 31)
+
+
+def test_a_signal_is_acted_on_within_agree_every_n_steps_plus_one(tmp_path: Path) -> None:
+    # logging every 1000 steps: the agreement no longer waits for a log interval
+    run = torchrun("worker_fail.py", tmp_path, "sigterm", "25", "ckpt", "4")
+    r0, r1 = (json.loads((tmp_path / f"preempted.rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["step"] == r1["step"] == 29, run.output[-4000:]  # voted on at 28, acted on at 29
+    assert r0["reason"] == r1["reason"] == "preempted by SIGTERM"
+    _assert_intact(tmp_path / "ckpt", 29)
 
 
 def test_checkpoint_folders_that_differ_between_ranks_fail_on_every_rank(tmp_path: Path) -> None:

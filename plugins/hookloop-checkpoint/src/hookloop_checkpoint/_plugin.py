@@ -24,6 +24,7 @@ import torch
 from hookloop.errors import MonitorNotFoundError
 from hookloop.plugins import hookimpl
 from hookloop.resume import COMPILED_PREFIX, state_key
+from hookloop_checkpoint._agreement import Agreement
 from hookloop_checkpoint._io import (
     _TMP_RE,
     BUILTIN_FIELDS,
@@ -205,6 +206,12 @@ class Checkpoint:
         a clean stop (preemption); the handlers installed before are called too and are
         restored at the end of fit. ``()`` disables. Add ``"SIGINT"`` to checkpoint on
         Ctrl-C instead of aborting mid-step.
+    :param agree_every_n_steps: under DDP, how often the ranks exchange what decides a
+        save that not every rank sees alike (a signal, ``every_seconds``): every this
+        many optimizer steps each rank starts a non-blocking all-reduce on a gloo side
+        group of CPU tensors and acts on its result at the next step, so every rank saves
+        at the same step, within ``agree_every_n_steps + 1`` steps of a signal, with no
+        host-device sync (see docs/distributed.md, "SLURM and preemption").
     :param exit_on_signal: after a signal-triggered save and stop, raise
         ``SystemExit(128 + signum)`` (143 for SIGTERM) at the end of fit; with
         ``False`` fit returns with ``state.stop_reason`` naming the signal.
@@ -253,6 +260,7 @@ class Checkpoint:
         save_on_exception: bool = False,
         weights_only: bool = False,
         enable_version_counter: bool = True,
+        agree_every_n_steps: int = 10,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; expected one of {MODES}")
@@ -265,6 +273,9 @@ class Checkpoint:
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be a non-negative int or None; got {value!r}")
+        if isinstance(agree_every_n_steps, bool) or not isinstance(agree_every_n_steps, int) \
+                or agree_every_n_steps < 1:
+            raise ValueError(f"agree_every_n_steps must be a positive int; got {agree_every_n_steps!r}")
         if every_seconds is not None and not (isinstance(every_seconds, (int, float)) and every_seconds > 0):
             raise ValueError(f"every_seconds must be a positive number; got {every_seconds!r}")
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
@@ -300,6 +311,8 @@ class Checkpoint:
         self.save_on_exception = bool(save_on_exception)
         self.weights_only = bool(weights_only)
         self.enable_version_counter = bool(enable_version_counter)
+        self.agree_every_n_steps = agree_every_n_steps
+        self._agreement = Agreement(agree_every_n_steps)
         self._fields = [f for f in template_fields(filename) if f not in BUILTIN_FIELDS]
         self._all_metrics_seen = False  # an epoch end with its validation happened
         self._skipped_unscored = 0  # saves not written: no finite score, save_last=False
@@ -414,6 +427,8 @@ class Checkpoint:
         self._signal_pending = None
         self._signal_local = None
         self._last_save_time = time.monotonic()
+        if loop.state.world_size > 1:
+            self._agreement.start()
         self._install_signals()
 
     @hookimpl
@@ -566,12 +581,10 @@ class Checkpoint:
             time.monotonic() - self._last_save_time >= self.every_seconds
         )
         if state.world_size > 1:
-            # ranks disagree on clocks and signal arrival: decide together, once per log
-            # interval (one collective), so that every rank saves at the same step
-            time_due = False
-            if state.global_step % loop.log_every_n_steps == 0:
-                time_due = self._agree(loop, self.every_seconds is not None and (
-                    time.monotonic() - self._last_save_time >= self.every_seconds))
+            # ranks disagree on clocks and signal arrival: act on the vote every rank
+            # started at the previous step, so that every rank saves at the same step
+            agreed = self._agreement.step(state.global_step, self._signal_local, time_due)
+            time_due = agreed is not None and self._take(agreed)
         if state.world_size == 1 and self._signal_local is not None:
             self._signal_pending = self._signal_local  # nobody else to agree with
         if self._signal_pending is not None and self._preempted is None:
@@ -619,7 +632,7 @@ class Checkpoint:
         if self._preempted is not None:
             return  # the step-boundary checkpoint is the resume point
         if loop.state.world_size > 1:
-            self._agree(loop, False)
+            self._take(self._agreement.now(self._signal_local, False))
         elif self._signal_local is not None:
             self._signal_pending = self._signal_local
         if self._signal_pending is not None:
@@ -674,6 +687,7 @@ class Checkpoint:
         propagates) and restore the signal handlers."""
         try:
             # no barrier: the other ranks may be gone
+            self._agreement.drop()
             self._finish_pending(loop, raise_errors=False, sync_ranks=False)
             if self.save_on_exception:
                 self._save_on_exception(loop, exception)
@@ -1045,23 +1059,16 @@ class Checkpoint:
             self._finish_pending(loop, raise_errors=True)
         finally:
             self.save_last = save_last
-        loop.request_stop(f"preempted by {name}")
+        # every rank preempts at this step (the signal was agreed): stop here, together
+        loop.request_stop(f"preempted by {name}", agreed=True)
 
-    def _agree(self, loop: Loop, time_due: bool) -> bool:
-        """All-reduce (max) of the pending signal and of a time-based save decision."""
-        import torch.distributed as tdist
-
-        if not (tdist.is_available() and tdist.is_initialized()):
-            return time_due
-        device = loop.device if tdist.get_backend() == "nccl" else torch.device("cpu")
-        # a rank acts on a signal only once every rank knows of it (here), never on its
-        # own flag: saving alone is a collective the other ranks would not join
-        flags = torch.tensor([float(self._signal_local or 0), float(time_due)], device=device)
-        tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
-        signum, due = (int(v) for v in flags.tolist())
+    def _take(self, agreed: tuple[int, bool]) -> bool:
+        """Act on what the ranks agreed: a signal any rank received becomes pending on
+        every rank; returns whether any rank's save interval was due."""
+        signum, due = agreed
         if signum and self._signal_pending is None:
             self._signal_pending = signum
-        return bool(due)
+        return due
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self._signal_local is None:
