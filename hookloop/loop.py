@@ -284,8 +284,49 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
             )
         return self.loss_fn(self.model(batch[0]), batch[1])  # type: ignore[misc]
 
-    def _train_step(self, batch: Any, batch_idx: int) -> Any:
+    def _plain(self) -> bool:
+        """Whether the batches can take :meth:`_plain_step` (checked at each epoch's
+        start; the backward and optimizer hooks are checked at every step)."""
+        optim = self.optim
+        return (self.step_fn is None and not self.manual_optimization and optim.grad_accum == 1
+                and optim.autocast_dtype is None and optim.scaler is None and optim.grad_clip_norm is None
+                and optim.grad_clip_value is None and len(optim.optimizers) == 1)
+
+    def _plain_step(self, batch: Any) -> Any:
+        """:meth:`_train_step` for the default step with nothing between its parts: one
+        optimizer, no accumulation, clipping, autocast or scaler, and no plugin on the
+        backward or optimizer hooks. The same operations as the general path, with
+        fewer Python calls (the hot path of the simplest loop)."""
+        if (batch.__class__ is not tuple and batch.__class__ is not list) or len(batch) < 2:
+            return self._train_step(batch, -1, plain=False)  # the general path's errors
+        loss = self.loss_fn(self.model(batch[0]), batch[1])  # type: ignore[misc]
+        if loss.__class__ is not torch.Tensor or loss.ndim:
+            _checked_loss(loss)
+        loss.backward()
+        optim = self.optim
+        opt = optim.optimizers[0]
+        stepped = not optim.skip
+        if stepped:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        optim.skip = False
+        loss = loss.detach()
+        state = self.state
+        state.stepped = stepped
+        if stepped:
+            self.metrics.record("train/loss", loss)
+            state.global_step += 1
+            if optim.scheduler_interval == "step":
+                optim.step_schedulers_per_step()
+        return {"loss": loss}
+
+    def _train_step(self, batch: Any, batch_idx: int, plain: bool = False) -> Any:
         """Run one batch; returns the outputs that ``on_train_batch_end`` receives."""
+        if plain:
+            callers = self.callers
+            if (callers.on_before_backward is None and callers.on_after_backward is None
+                    and callers.on_before_optimizer_step is None):
+                return self._plain_step(batch)
         state = self.state
         optim = self.optim
         if self.manual_optimization:
@@ -531,6 +572,7 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
         val_every = self.val_every_n_steps if self.val_data is not None else None
         batch_idx = first = state.epoch_batches_done
         train_step = self._train_step
+        plain = self._plain()
         self._in_batches = True
         for batch in it:
             if move:
@@ -541,7 +583,7 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
                 h(self, batch, batch_idx)
                 if self._stop_agreed if distributed else (self._stop_epoch or state.should_stop):
                     break
-            outputs = train_step(batch, batch_idx)
+            outputs = train_step(batch, batch_idx, plain)
             state.outputs = outputs
             batch_idx += 1
             state.epoch_batches_done = batch_idx
