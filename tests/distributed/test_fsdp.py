@@ -120,9 +120,12 @@ def test_a_two_rank_checkpoint_loads_on_one_rank(single: Launch) -> None:
     r = single.result("single", 0)
     assert r["equal"] and r["resumed_step"] == 4
     assert r["global_step"] > 4  # and trains on
-    # saved on a world of one: one shard file per checkpoint
-    dirs = {k: v for k, v in r["listing"].items() if k != "checkpoints.json"}
-    assert dirs and all(v == [".metadata", "__0_0.distcp", "loop.pt"] for v in dirs.values())
+    # saved on a world of one (one shard file), each save replacing the directory of the
+    # same name (enable_version_counter=False), nothing left under a temporary name
+    assert r["listing"] == {"checkpoints.json": "file", "fixed": [".metadata", "__0_0.distcp", "loop.pt"]}
+    assert len(r["saved"]) >= 2 and {Path(p).name for _, p in r["saved"]} == {"fixed"}
+    manifest = json.loads((single.out / "ckpt_world1" / "checkpoints.json").read_text())
+    assert [e["name"] for e in manifest["checkpoints"]] == ["fixed"]
 
 
 @pytest.mark.parametrize("case, words", [

@@ -229,7 +229,9 @@ def scenario_single() -> None:
     from hookloop_checkpoint import load_checkpoint
 
     step4 = out_dir() / "ckpt_sync" / "step4"
-    loop = training_loop([("checkpoint", ckpt_options("ckpt_world1", async_save=True))])
+    saved = Saved()  # async saves under one fixed name: each replaces the directory before it
+    loop = training_loop([("checkpoint", ckpt_options("ckpt_world1", async_save=True, filename="fixed",
+                                                      enable_version_counter=False)), saved])
     loop.load_state_dict(load_checkpoint(step4, loop=loop))
     got = full_params(loop.module)
     want = torch.load(out_dir() / "full_step4.pt", weights_only=True)
@@ -258,7 +260,7 @@ def scenario_single() -> None:
     errors["other_optimizer"] = _error(lambda: load_checkpoint(step4, loop=sgd))
     after = full_params(other)
     dump("single", {"equal": equal, "resumed_step": resumed_step, "global_step": loop.state.global_step,
-                    "listing": listing("ckpt_world1"), "errors": errors,
+                    "listing": listing("ckpt_world1"), "saved": saved.saved, "errors": errors,
                     # the refused load changed nothing: no weight, no optimizer state
                     "untouched": all(torch.equal(before[k], after[k]) for k in before)
                     and not sgd.optimizers[0].state})
