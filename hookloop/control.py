@@ -37,10 +37,13 @@ class ControlAPI:
     _closed: bool
     callers: Any
 
-    def request_stop(self, reason: str) -> None:
+    def request_stop(self, reason: str, *, agreed: bool = False) -> None:
         """Stop training after the current batch; ``reason`` is kept in
         ``state.stop_reason`` and reported. Under DDP the decision is agreed across
-        ranks at the next reduction point (log interval or epoch end).
+        ranks at the next reduction point (log interval or epoch end), unless
+        ``agreed=True``: the caller guarantees that every rank makes this call at the
+        same batch (a decision the ranks already share, e.g. through a collective), and
+        every rank stops after this batch.
 
         Where it may be called, and its effect: during a batch (the batch hooks, the step
         function), the fit stops after that batch; in ``on_train_epoch_start``, the
@@ -62,6 +65,8 @@ class ControlAPI:
             self.state.should_stop = True
             self.state.stop_reason = str(reason)
             log.info("hookloop: stop requested: %s", reason)
+        if agreed:
+            self._stop_agreed = True
 
     def stop_epoch(self) -> None:
         """End the current training epoch after the current batch; its validation and

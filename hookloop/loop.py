@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from hookloop import _distributed as dist
-from hookloop import _inputs, resume
+from hookloop import _inputs, position, resume
 from hookloop._devices import model_device, to_device
 from hookloop.control import OPEN_LOOPS, ControlAPI
 from hookloop.metrics import LoggingAPI, MetricStore
@@ -206,6 +206,9 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
         self._rng_epoch_start: dict[str, Any] | None = None
         self._resume_rng: dict[str, Any] | None = None
         self._loader_state: dict[str, Any] = {}
+        self._position: dict[str, Any] | None = None  # a resumed epoch's saved position
+        self._epoch_base = (0, 0)  # (batches, samples) where this run of the epoch began
+        self._fast_forward: position.FastForward | None = None
         self._epoch_len = -1
         self._step_validation: tuple[int, dict[str, float]] = (-1, {})  # (step, metrics)
         self._closed = False
@@ -416,6 +419,7 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
             state.stage = "idle"
             self._phase = "idle"
             self._in_epoch = self._in_batches = False
+            self._end_fast_forward()
             self._report_failures()
         return state
 
@@ -493,10 +497,24 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
             resume.set_loader_state(data, self._loader_state)
         self._rng_epoch_start = resume.get_rng()
         self._loader_state = resume.get_loader_state(data)
+        saved, self._position = self._position, None
+        self._epoch_base = (0, 0)
+        if skip and saved is not None:
+            problems = position.check(data, saved, saved.get("world_size", state.world_size),
+                                      state.world_size)
+            if problems:
+                raise resume.ResumeError("cannot continue the resumed epoch: " + "; ".join(problems))
+            self._fast_forward = position.fast_forward(data, saved)
         it = iter(data)  # type: ignore[arg-type]
-        for done in range(skip):
-            if next(it, _inputs.END) is _inputs.END:
-                raise _inputs.short_resume_error(done, skip, state.epoch)
+        ff = self._fast_forward
+        if ff is not None:  # the sampler starts after the samples done: nothing to fetch
+            ff.prepare()  # where the loader would first draw from its sampler
+            state.epoch_batches_done = position.resumed_batches(data, ff.skip)
+            self._epoch_base = (state.epoch_batches_done, ff.skip)
+        else:
+            for done in range(skip):
+                if next(it, _inputs.END) is _inputs.END:
+                    raise _inputs.short_resume_error(done, skip, state.epoch)
         if skip and self._resume_rng is not None:
             resume.set_rng(self._resume_rng)
         self._resume_rng = None
@@ -550,6 +568,7 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
                 break
         state.outputs = None
         self._in_epoch = self._in_batches = False
+        self._end_fast_forward()
         if self.optim.accumulated and not self.manual_optimization:
             self.optim.drop_partial_window(state.epoch)
         self.optim.skip = False  # a skip never carries over to the next epoch
@@ -557,6 +576,12 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
             return self._no_batches()
         self._batches_seen += batch_idx - first
         return True
+
+    def _end_fast_forward(self) -> None:
+        """Give the loader back its own sampler after a resumed epoch."""
+        if self._fast_forward is not None:
+            position.restore(self.train_data, self._fast_forward)
+            self._fast_forward = None
 
     def _no_batches(self) -> bool:
         """An epoch whose data yielded nothing: an error when train_data never yielded a

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hookloop import _distributed as dist
+from hookloop import position
 from hookloop._devices import to_device
 
 if TYPE_CHECKING:
@@ -249,6 +250,9 @@ def collect(loop: Loop) -> dict[str, Any]:
         "loop": loop.state.counters(),
         "metrics_pending": pending,
         "rng": ranks,
+        "position": {**position.saved_position(loop.train_data, loop.state.epoch_batches_done,
+                                               loop._epoch_base),
+                     "world_size": loop.state.world_size},
         "plugins": plugins,
         "plugin_meta": meta,
         "hparams": _plain_hparams(mask_secrets(loop.hparams)),  # checkpoints get uploaded
@@ -415,6 +419,8 @@ def restore(loop: Loop, checkpoint: Mapping[str, Any], *, strict: bool = True) -
     checkpoint = migrate(checkpoint)
     form = _check_form(loop, checkpoint)
     if form is not None:
+        if loop._dist.active:
+            _agree(checkpoint, True)
         raise ResumeError(f"checkpoint does not fit this loop; nothing was restored:\n  {form}")
     live = _live_model_state(loop)
     if isinstance(checkpoint.get("model"), Mapping):  # a torch.compile'd model, or the reverse
@@ -425,14 +431,23 @@ def restore(loop: Loop, checkpoint: Mapping[str, Any], *, strict: bool = True) -
         if key not in checkpoint:
             problems.append(f"the checkpoint has no {key!r} entry")
     if problems:
+        if loop._dist.active:
+            _agree(checkpoint, True)
         raise ResumeError("checkpoint does not fit this loop:\n  " + "\n  ".join(problems))
     problems += _check_model(loop, checkpoint["model"], strict, live)
     problems += _check_optim(loop, checkpoint)
+    counters = checkpoint["loop"]
+    if loop.train_data is not None and not counters.get("epoch_done"):
+        saved = checkpoint.get("position")
+        problems += position.check(loop.train_data, saved, (saved or {}).get(
+            "world_size", len(checkpoint.get("rng") or [None])), loop.state.world_size)
     matches, plugin_problems, notes = _match_plugins(loop, checkpoint)
     if strict:
         problems += plugin_problems
     else:
         notes += plugin_problems
+    if loop._dist.active:  # every rank restores the same state, or none does
+        _agree(checkpoint, bool(problems))
     if problems:
         raise ResumeError(
             "checkpoint does not fit this loop; nothing was restored:\n  " + "\n  ".join(problems)
@@ -441,6 +456,24 @@ def restore(loop: Loop, checkpoint: Mapping[str, Any], *, strict: bool = True) -
     for note in notes:
         log.warning("hookloop: resume: %s", note)
     _apply(loop, checkpoint, matches, strict)
+
+
+def _agree(checkpoint: Mapping[str, Any], failed: bool) -> None:
+    """Under DDP: raise on every rank when the ranks were given different checkpoints
+    (told apart by their counters and position) or when another rank's does not fit."""
+    counters = checkpoint.get("loop") or {}
+    mine = (f"epoch {counters.get('epoch')}, step {counters.get('global_step')}, "
+            f"{counters.get('epoch_batches_done')} batch(es) into the epoch")
+    found = dist.all_gather_object((mine, failed))
+    if len({what for what, _ in found}) > 1:
+        per_rank = "\n  ".join(f"rank {r}: {what}" for r, (what, _) in enumerate(found))
+        raise ResumeError("the ranks were given different checkpoints to resume from; nothing was "
+                          f"restored:\n  {per_rank}\nEvery rank must load the same checkpoint "
+                          "(a checkpoint folder on storage every node shares)")
+    others = [r for r, (_, bad) in enumerate(found) if bad]
+    if others and not failed:
+        raise ResumeError(f"the checkpoint does not fit the loop on rank(s) {others} (see their "
+                          "errors); nothing was restored on any rank")
 
 
 def _apply(loop: Loop, checkpoint: Mapping[str, Any], matches: list[tuple[str, Any, str]],
@@ -480,6 +513,9 @@ def _apply(loop: Loop, checkpoint: Mapping[str, Any], matches: list[tuple[str, A
         loop._rng_epoch_start = mine.get("epoch_start")
         loop._loader_state = mine.get("loader") or {}
         mid_epoch = loop.state.epoch_batches_done and not loop.state.epoch_done
+        loop._position = checkpoint.get("position") if mid_epoch else None
+        if loop._position is None and mid_epoch:  # an older checkpoint: batches only
+            loop._position = {"batches": loop.state.epoch_batches_done, "world_size": len(ranks)}
         loop._resume_rng = mine["now"] if mid_epoch else None
     h = loop.callers.on_load_checkpoint
     if h is not None:

@@ -56,3 +56,17 @@ def test_report_md_renders_a_results_file(tmp_path: Path) -> None:
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "### Targets" in proc.stdout
+
+
+@pytest.mark.distributed
+def test_the_ddp_agreement_benchmark_runs_under_torchrun(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = _run([str(torchrun), "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={port}",
+                str(BENCH / "ddp_agreement.py"), "--steps", "120", "--rounds", "1"], tmp_path)
+    for line in ("no checkpoint plugin", "agree_every_n_steps=10", "one vote alone"):
+        assert line in out, out

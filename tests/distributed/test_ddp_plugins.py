@@ -117,7 +117,35 @@ def test_last_complete_checkpoint_is_intact_after_an_exception_on_rank_1(tmp_pat
 def test_sigterm_on_rank_1_with_the_checkpoint_plugin_saves_and_stops_both_ranks(tmp_path: Path) -> None:
     run = torchrun("worker_fail.py", tmp_path, "sigterm", "25", "ckpt")
     r0, r1 = (json.loads((tmp_path / f"preempted.rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["step"] == r1["step"] == 30  # agreed at the next log interval
+    # received at step 25 (log interval 10), voted on at 30, acted on at 31
+    assert r0["step"] == r1["step"] == 31
     assert r0["code"] == r1["code"] == 143
     assert run.returncode != 0
-    _assert_intact(tmp_path / "ckpt", 30)
+    _assert_intact(tmp_path / "ckpt", 31)
+
+
+def test_a_signal_is_acted_on_within_agree_every_n_steps_plus_one(tmp_path: Path) -> None:
+    # logging every 1000 steps: the agreement no longer waits for a log interval
+    run = torchrun("worker_fail.py", tmp_path, "sigterm", "25", "ckpt", "4")
+    r0, r1 = (json.loads((tmp_path / f"preempted.rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["step"] == r1["step"] == 29, run.output[-4000:]  # voted on at 28, acted on at 29
+    assert r0["reason"] == r1["reason"] == "preempted by SIGTERM"
+    _assert_intact(tmp_path / "ckpt", 29)
+
+
+def test_checkpoint_folders_that_differ_between_ranks_fail_on_every_rank(tmp_path: Path) -> None:
+    run = torchrun("worker_folders.py", tmp_path)
+    assert run.returncode == 0, run.output[-8000:]
+    rank0, rank1 = run.results("folders")
+    assert rank0["first"] is None and rank1["first"] is None
+    assert "checkpoints.json" in rank0["files"] and rank1["files"] == []  # only rank 0 writes
+    for r in (rank0, rank1):
+        err = r["second"]
+        assert err is not None and err.startswith("ResumeDisagreementError: the ranks do not agree")
+        assert "rank 1: no checkpoint in" in err and "node1 (a fresh start)" in err
+        assert "step 4" in err.split("rank 1:")[0]  # what rank 0 found: its checkpoint at step 4
+        assert "storage that every node shares" in err
+        err = r["third"]  # checkpoints given by hand: the loop itself compares them
+        assert err is not None and err.startswith("ResumeError: the ranks were given different checkpoints")
+        said0, said1 = err.split("rank 0: ")[1].split("rank 1: ")
+        assert "step 4," in said0 and "step 2," in said1

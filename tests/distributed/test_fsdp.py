@@ -116,6 +116,13 @@ def test_resume_latest_finds_the_newest_async_sharded_checkpoint(resume: Launch)
     assert _bit_equal(_full(resume.out, "async_resumed"), _full(resume.out, "end"))
 
 
+def test_ranks_that_find_different_sharded_checkpoints_all_raise_before_loading(resume: Launch) -> None:
+    r0, r1 = resume.results("resume_disagreement")
+    for r in (r0, r1):
+        assert r["error"] is not None and r["error"].startswith("ResumeDisagreementError"), r
+        assert "step9" in r["error"] and "a fresh start" in r["error"]
+
+
 def test_a_two_rank_checkpoint_loads_on_one_rank(single: Launch) -> None:
     r = single.result("single", 0)
     assert r["equal"] and r["resumed_step"] == 4

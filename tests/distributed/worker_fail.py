@@ -5,7 +5,8 @@ MODE ``exception``: rank 1 raises from a hook; ``sigterm``: rank 1 receives SIGT
 for a long time on its own; it must end too. Each rank writes ``training`` when
 training runs and ``finished`` only if ``fit`` returned. With a fourth argument
 ``ckpt`` the checkpoint plugin saves every 10 steps to ``OUT/ckpt`` (and handles
-SIGTERM as a preemption: save, stop).
+SIGTERM as a preemption: save, stop); a fifth, ``K``, sets its ``agree_every_n_steps``
+and logs only every 1000 steps.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ RANK, WORLD = init()
 MODE = sys.argv[2]
 AT_STEP = int(sys.argv[3]) if len(sys.argv) > 3 else 5
 CKPT = len(sys.argv) > 4 and sys.argv[4] == "ckpt"
+AGREE = int(sys.argv[5]) if len(sys.argv) > 5 else None  # agree_every_n_steps; logs every 1000
 
 
 class FailOnRank1:
@@ -47,8 +49,10 @@ def train() -> None:
     plugins: list = [FailOnRank1()]
     if CKPT:
         plugins.append(("checkpoint", {"dirpath": str(out_dir() / "ckpt"), "every_n_steps": 10,
-                                       "every_n_epochs": None, "filename": "{step}"}))
-    loop = Loop(module, opt, data, loss_fn=F.mse_loss, log_every_n_steps=10, autoload=False,
+                                       "every_n_epochs": None, "filename": "{step}",
+                                       **({"agree_every_n_steps": AGREE} if AGREE else {})}))
+    loop = Loop(module, opt, data, loss_fn=F.mse_loss, log_every_n_steps=1000 if AGREE else 10,
+                autoload=False,
                 plugins=plugins)
     try:
         loop.fit(max_epochs=1000)

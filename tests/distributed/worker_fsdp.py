@@ -212,6 +212,19 @@ def scenario_resume_async() -> None:
     dump("resume_async", {"resumed_at": resumed_at, "global_step": loop.state.global_step})
 
 
+def scenario_resume_disagreement() -> None:
+    """Node-local folders: rank 0 finds a sharded checkpoint, rank 1 none. The ranks
+    compare what they found before the (collective) shard load, so both raise instead of
+    rank 0 waiting in DCP's load for a rank that never comes."""
+    import shutil
+
+    local = out_dir() / f"local_rank{RANK}"
+    if RANK == 0:
+        shutil.copytree(out_dir() / "ckpt_sync", local)
+    loop = training_loop([("checkpoint", ckpt_options(f"local_rank{RANK}", resume="latest"))])
+    dump("resume_disagreement", {"error": _error(lambda: loop.fit(max_epochs=EPOCHS))})
+
+
 # ---------------------------------------------------------------------- single
 
 
@@ -269,7 +282,7 @@ def scenario_single() -> None:
 if __name__ == "__main__":
     scenarios = {
         "train": (scenario_sync, scenario_async, scenario_match),
-        "resume": (scenario_resume_sync, scenario_resume_async),
+        "resume": (scenario_resume_sync, scenario_resume_async, scenario_resume_disagreement),
         "single": (scenario_single,),
     }[MODE]
     run(*scenarios)

@@ -32,7 +32,13 @@ from hookloop_checkpoint._load import (
     load,
     load_checkpoint,
 )
-from hookloop_checkpoint._plugin import Checkpoint, CheckpointWriteError, MonitorNotFoundError, SaveStat
+from hookloop_checkpoint._plugin import (
+    Checkpoint,
+    CheckpointWriteError,
+    MonitorNotFoundError,
+    ResumeDisagreementError,
+    SaveStat,
+)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -45,6 +51,7 @@ __all__ = [
     "CorruptCheckpointError",
     "LoadResult",
     "MonitorNotFoundError",
+    "ResumeDisagreementError",
     "SaveStat",
     "UnsafeCheckpointError",
     "WeightsOnlyCheckpointError",

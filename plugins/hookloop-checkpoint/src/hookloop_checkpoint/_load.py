@@ -35,6 +35,7 @@ __all__ = [
     "list_checkpoints",
     "load",
     "load_checkpoint",
+    "load_shards",
 ]
 
 log = logging.getLogger("hookloop.checkpoint")
@@ -133,7 +134,7 @@ def _verify(path: Path, expected: Mapping[str, Any] | None) -> None:
 
 
 def _read_entry(directory: Path, entry: Mapping[str, Any], map_location: Any,
-                loop: Loop | None = None) -> dict[str, Any]:
+                loop: Loop | None = None, shards: bool = True) -> dict[str, Any]:
     files = entry.get("files") or {}
     if entry.get("sharded"):
         primary = entry["primary"]
@@ -143,7 +144,7 @@ def _read_entry(directory: Path, entry: Mapping[str, Any], map_location: Any,
     for fname, info in files.items():
         _verify(directory / fname, info)
     if entry.get("sharded"):
-        return _read_sharded(directory / entry["primary"], map_location, loop)
+        return _read_sharded(directory / entry["primary"], map_location, loop, shards)
     return _read_file(directory / entry["primary"], map_location, verified=True)
 
 
@@ -233,11 +234,10 @@ def _check_sharded(path: Path, small: Mapping[str, Any], template: Mapping[str, 
     return problems
 
 
-def _read_sharded(path: Path, map_location: Any, loop: Loop | None) -> dict[str, Any]:
+def _read_sharded(path: Path, map_location: Any, loop: Loop | None, shards: bool = True) -> dict[str, Any]:
     """A sharded checkpoint as a dict for ``loop.load_state_dict``: the small state from
-    ``loop.pt``, the model and optimizer shards loaded with
-    ``torch.distributed.checkpoint.load`` into a copy of ``loop``'s sharded state (DCP
-    reshards when the world size changed). Every rank must call it."""
+    ``loop.pt`` and, unless ``shards=False``, the shards (:func:`load_shards`, a
+    collective). Without the shards, the dict has no ``model`` and ``optimizers``."""
     small = _read_file(path / SHARDED_STATE_FILE, map_location, verified=True)
     if loop is None:
         raise CheckpointError(
@@ -254,10 +254,20 @@ def _read_sharded(path: Path, map_location: Any, loop: Loop | None) -> dict[str,
             f"torch.distributed.fsdp.fully_shard as the saving run did (on any world size), or "
             f"convert the checkpoint with torch.distributed.checkpoint.format_utils.dcp_to_torch_save "
             f"to load its weights")
-    if not small.get("sharded"):
+    if not small.get("sharded") or not isinstance(small.get("checkpoint"), dict):
         raise CorruptCheckpointError(f"{path / SHARDED_STATE_FILE}: not the state of a sharded checkpoint")
+    small["checkpoint"]["path"] = str(path)
+    return load_shards(small, loop) if shards else small
+
+
+def load_shards(small: dict[str, Any], loop: Loop) -> dict[str, Any]:
+    """Complete a sharded checkpoint read without its shards: check DCP's index against
+    ``loop``'s sharded state, then load the shards with
+    ``torch.distributed.checkpoint.load`` into a copy of that state (DCP reshards when
+    the world size changed). Every rank must call it."""
     import torch.distributed.checkpoint as dcp
 
+    path = Path(small["checkpoint"]["path"])
     template = sharded_state(loop, copy=True)
     problems = _check_sharded(path, small, template, loop)
     if problems:
@@ -268,9 +278,7 @@ def _read_sharded(path: Path, map_location: Any, loop: Loop | None) -> dict[str,
     except Exception as exc:  # every rank raises: DCP gathers the read results
         raise CorruptCheckpointError(f"{path}: torch.distributed.checkpoint could not load the shards: "
                                      f"{exc}") from exc
-    small.update(template)
-    small["checkpoint"]["path"] = str(path)
-    return small
+    return {**small, **template}
 
 
 def _read_file(path: Path, map_location: Any, verified: bool = False) -> dict[str, Any]:
@@ -425,9 +433,10 @@ def _is_weights_only(ckpt: Mapping[str, Any]) -> bool:
 
 
 def _load_any(path: str | Path, map_location: Any, which: str, *, weights_ok: bool,
-              loop: Loop | None = None) -> dict[str, Any]:
+              loop: Loop | None = None, shards: bool = True) -> dict[str, Any]:
     """:func:`load_checkpoint`; ``weights_ok`` also accepts (and, in a folder, picks)
-    checkpoints saved with ``weights_only=True``."""
+    checkpoints saved with ``weights_only=True``; ``shards=False`` leaves the shards of a
+    sharded checkpoint for :func:`load_shards`."""
     if which not in ("latest", "best"):
         raise ValueError(f"which={which!r}; expected 'latest' or 'best'")
     path = Path(path)
@@ -436,7 +445,7 @@ def _load_any(path: str | Path, map_location: Any, which: str, *, weights_ok: bo
         entry = _entry_for(manifest, path.name) if manifest else None
         for fname, info in ((entry or {}).get("files") or {}).items():
             _verify(path.parent / fname, info)
-        return _read_sharded(path, map_location, loop)
+        return _read_sharded(path, map_location, loop, shards)
     if not path.is_dir():
         if not path.exists():
             raise CheckpointNotFoundError(f"{path}: no such checkpoint file or directory")
@@ -467,7 +476,7 @@ def _load_any(path: str | Path, map_location: Any, which: str, *, weights_ok: bo
     errors = []
     for entry in entries:
         try:
-            ckpt = _read_entry(path, entry, map_location, loop)
+            ckpt = _read_entry(path, entry, map_location, loop, shards)
         except CorruptCheckpointError as exc:
             errors.append(str(exc))
             continue

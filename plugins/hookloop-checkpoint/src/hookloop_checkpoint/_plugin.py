@@ -24,6 +24,7 @@ import torch
 from hookloop.errors import MonitorNotFoundError
 from hookloop.plugins import hookimpl
 from hookloop.resume import COMPILED_PREFIX, state_key
+from hookloop_checkpoint._agreement import Agreement
 from hookloop_checkpoint._io import (
     _TMP_RE,
     BUILTIN_FIELDS,
@@ -45,8 +46,9 @@ from hookloop_checkpoint._load import (
     FORMAT_VERSION,
     CheckpointError,
     CheckpointNotFoundError,
+    _load_any,
     is_sharded_checkpoint,
-    load_checkpoint,
+    load_shards,
 )
 from hookloop_checkpoint._sharded import finalize, remove_path, split, tmp_name, write_state
 from hookloop_checkpoint._staging import StagingBuffer
@@ -279,6 +281,12 @@ class Checkpoint:
         a clean stop (preemption); the handlers installed before are called too and are
         restored at the end of fit. ``()`` disables. Add ``"SIGINT"`` to checkpoint on
         Ctrl-C instead of aborting mid-step.
+    :param agree_every_n_steps: under DDP, how often the ranks exchange what decides a
+        save that not every rank sees alike (a signal, ``every_seconds``): every this
+        many optimizer steps each rank starts a non-blocking all-reduce on a gloo side
+        group of CPU tensors and acts on its result at the next step, so every rank saves
+        at the same step, within ``agree_every_n_steps + 1`` steps of a signal, with no
+        host-device sync (see docs/distributed.md, "SLURM and preemption").
     :param exit_on_signal: after a signal-triggered save and stop, raise
         ``SystemExit(128 + signum)`` (143 for SIGTERM) at the end of fit; with
         ``False`` fit returns with ``state.stop_reason`` naming the signal.
@@ -327,6 +335,7 @@ class Checkpoint:
         save_on_exception: bool = False,
         weights_only: bool = False,
         enable_version_counter: bool = True,
+        agree_every_n_steps: int = 10,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; expected one of {MODES}")
@@ -339,6 +348,9 @@ class Checkpoint:
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be a non-negative int or None; got {value!r}")
+        if isinstance(agree_every_n_steps, bool) or not isinstance(agree_every_n_steps, int) \
+                or agree_every_n_steps < 1:
+            raise ValueError(f"agree_every_n_steps must be a positive int; got {agree_every_n_steps!r}")
         if every_seconds is not None and not (isinstance(every_seconds, (int, float)) and every_seconds > 0):
             raise ValueError(f"every_seconds must be a positive number; got {every_seconds!r}")
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
@@ -374,6 +386,8 @@ class Checkpoint:
         self.save_on_exception = bool(save_on_exception)
         self.weights_only = bool(weights_only)
         self.enable_version_counter = bool(enable_version_counter)
+        self.agree_every_n_steps = agree_every_n_steps
+        self._agreement = Agreement(agree_every_n_steps)
         self._fields = [f for f in template_fields(filename) if f not in BUILTIN_FIELDS]
         self._all_metrics_seen = False  # an epoch end with its validation happened
         self._skipped_unscored = 0  # saves not written: no finite score, save_last=False
@@ -389,6 +403,7 @@ class Checkpoint:
         self._job: _Job | None = None
         self._staging: StagingBuffer | None = None  # host copy of the state, async saves only
         self._async_group: Any = None  # process group of async sharded saves (DCP's thread)
+        self._async_group_for: Any = None  # the default group it was made in
         self._resumed_for: Any = None  # weakref of the loop the resume was supplied to
         self._restored = False
         self._validated = False
@@ -493,27 +508,50 @@ class Checkpoint:
         self._signal_pending = None
         self._signal_local = None
         self._last_save_time = time.monotonic()
+        if loop.state.world_size > 1:
+            self._agreement.start()
         self._install_signals()
 
     @hookimpl
     def on_resume(self, loop: Loop) -> dict[str, Any] | None:
         """Supply the checkpoint named by ``resume`` at the first fit of a loop; the
-        loop validates and restores it before any ``on_fit_start``."""
+        loop validates and restores it before any ``on_fit_start``. Under DDP the ranks
+        compare what each found (one ``all_gather_object``) and every rank raises
+        :class:`ResumeDisagreementError` when they differ (a node-local ``dirpath``)."""
         if self.resume is None or (self._resumed_for is not None and self._resumed_for() is loop):
             return None
         self._resumed_for = weakref.ref(loop)
         source = self.dirpath if str(self.resume) in ("latest", "last") else Path(self.resume)  # type: ignore[arg-type]
+        ckpt: dict[str, Any] | None = None
+        error: Exception | None = None
         try:
-            ckpt = load_checkpoint(source, loop.device, loop=loop)
+            ckpt = self._find_resume(source, loop)
+        except Exception as exc:  # shared with the other ranks first, then raised
+            error = exc
+        if loop.state.world_size > 1:
+            _agree_on_resume(source, ckpt, error)
+        if error is not None:
+            raise error
+        if ckpt is not None and ckpt.get("sharded") and "model" not in ckpt:
+            # the ranks agreed on this sharded checkpoint: now the collective load
+            ckpt = load_shards(ckpt, loop)
+        if ckpt is not None:
+            info = ckpt.get("checkpoint", {})
+            log.info("hookloop.checkpoint: resuming from %s (epoch %s, step %s)", info.get("path"),
+                     ckpt["loop"].get("epoch"), ckpt["loop"].get("global_step"))
+        return ckpt
+
+    def _find_resume(self, source: Path, loop: Loop) -> dict[str, Any] | None:
+        """The checkpoint at ``source``; ``None`` for a fresh start (no checkpoint in
+        ``dirpath`` yet). A sharded checkpoint comes without its shards: loading them is
+        a collective, made once the ranks agreed on what they found."""
+        try:
+            return _load_any(source, loop.device, "latest", weights_ok=False, loop=loop, shards=False)
         except CheckpointNotFoundError:
             if source == self.dirpath and not (self.dirpath / "checkpoints.json").exists():
                 log.info("hookloop.checkpoint: no checkpoint in %s yet; starting fresh", self.dirpath)
                 return None
             raise
-        info = ckpt.get("checkpoint", {})
-        log.info("hookloop.checkpoint: resuming from %s (epoch %s, step %s)", info.get("path"),
-                 ckpt["loop"].get("epoch"), ckpt["loop"].get("global_step"))
-        return ckpt
 
     @hookimpl
     def on_load_checkpoint(self, loop: Loop) -> None:
@@ -661,12 +699,10 @@ class Checkpoint:
             time.monotonic() - self._last_save_time >= self.every_seconds
         )
         if state.world_size > 1:
-            # ranks disagree on clocks and signal arrival: decide together, once per log
-            # interval (one collective), so that every rank saves at the same step
-            time_due = False
-            if state.global_step % loop.log_every_n_steps == 0:
-                time_due = self._agree(loop, self.every_seconds is not None and (
-                    time.monotonic() - self._last_save_time >= self.every_seconds))
+            # ranks disagree on clocks and signal arrival: act on the vote every rank
+            # started at the previous step, so that every rank saves at the same step
+            agreed = self._agreement.step(state.global_step, self._signal_local, time_due)
+            time_due = agreed is not None and self._take(agreed)
         if state.world_size == 1 and self._signal_local is not None:
             self._signal_pending = self._signal_local  # nobody else to agree with
         if self._signal_pending is not None and self._preempted is None:
@@ -714,7 +750,7 @@ class Checkpoint:
         if self._preempted is not None:
             return  # the step-boundary checkpoint is the resume point
         if loop.state.world_size > 1:
-            self._agree(loop, False)
+            self._take(self._agreement.now(self._signal_local, False))
         elif self._signal_local is not None:
             self._signal_pending = self._signal_local
         if self._signal_pending is not None:
@@ -775,6 +811,7 @@ class Checkpoint:
         propagates) and restore the signal handlers."""
         try:
             # no barrier: the other ranks may be gone
+            self._agreement.drop()
             self._finish_pending(loop, raise_errors=False, sync_ranks=False)
             if self.save_on_exception:
                 self._save_on_exception(loop, exception)
@@ -1090,8 +1127,10 @@ class Checkpoint:
 
         if not (tdist.is_available() and tdist.is_initialized()):
             return None
-        if self._async_group is None:
+        world = tdist.group.WORLD
+        if self._async_group is None or self._async_group_for is not world:
             self._async_group = tdist.new_group(backend="gloo")
+            self._async_group_for = world  # a process group made anew needs a new side group
         return self._async_group
 
     def _manifest_base(self) -> dict[str, Any]:
@@ -1219,23 +1258,16 @@ class Checkpoint:
             self._finish_pending(loop, raise_errors=True)
         finally:
             self.save_last = save_last
-        loop.request_stop(f"preempted by {name}")
+        # every rank preempts at this step (the signal was agreed): stop here, together
+        loop.request_stop(f"preempted by {name}", agreed=True)
 
-    def _agree(self, loop: Loop, time_due: bool) -> bool:
-        """All-reduce (max) of the pending signal and of a time-based save decision."""
-        import torch.distributed as tdist
-
-        if not (tdist.is_available() and tdist.is_initialized()):
-            return time_due
-        device = loop.device if tdist.get_backend() == "nccl" else torch.device("cpu")
-        # a rank acts on a signal only once every rank knows of it (here), never on its
-        # own flag: saving alone is a collective the other ranks would not join
-        flags = torch.tensor([float(self._signal_local or 0), float(time_due)], device=device)
-        tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
-        signum, due = (int(v) for v in flags.tolist())
+    def _take(self, agreed: tuple[int, bool]) -> bool:
+        """Act on what the ranks agreed: a signal any rank received becomes pending on
+        every rank; returns whether any rank's save interval was due."""
+        signum, due = agreed
         if signum and self._signal_pending is None:
             self._signal_pending = signum
-        return bool(due)
+        return due
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self._signal_local is None:
@@ -1258,3 +1290,34 @@ class Checkpoint:
                 signal.signal(signum, prev if prev is not None else signal.SIG_DFL)
         self._prev_handlers = {}
 
+
+class ResumeDisagreementError(CheckpointError, RuntimeError):
+    """Under DDP the ranks found different checkpoints to resume from (or some found
+    none): raised on every rank, naming what each rank found."""
+
+
+def _resume_identity(source: Path, ckpt: Mapping[str, Any] | None, error: Exception | None) -> str:
+    """What a rank found to resume from, comparable across ranks."""
+    if error is not None:
+        return f"cannot resume from {source}: {type(error).__name__}: {error}"
+    if ckpt is None:
+        return f"no checkpoint in {source} (a fresh start)"
+    info, counters = ckpt.get("checkpoint") or {}, ckpt.get("loop") or {}
+    return (f"{info.get('name', source)} (epoch {counters.get('epoch')}, step "
+            f"{counters.get('global_step')}, saved at {info.get('time')})")
+
+
+def _agree_on_resume(source: Path, ckpt: Mapping[str, Any] | None, error: Exception | None) -> None:
+    """Raise on every rank unless every rank found the same checkpoint (or none)."""
+    import torch.distributed as tdist
+
+    mine = _resume_identity(source, ckpt, error)
+    found: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(found, mine)
+    if len(set(found)) == 1:
+        return
+    per_rank = "\n  ".join(f"rank {r}: {what}" for r, what in enumerate(found))
+    raise ResumeDisagreementError(
+        f"the ranks do not agree on what to resume:\n  {per_rank}\nEvery rank must read the "
+        f"same checkpoint folder: put dirpath ({source}) on storage that every node shares "
+        "at the same path (see 'Checkpoint storage' in docs/distributed.md)")
