@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -12,7 +14,8 @@ import torch.distributed as tdist
 from torch import nn
 
 __all__ = ["DistInfo", "all_gather_object", "all_reduce_sum", "barrier", "check_optimizers",
-           "check_timeout", "destroy", "set_epoch", "setup", "unwrap", "wrap_model"]
+           "check_timeout", "destroy", "drop_unsynced_grads", "is_sharded", "no_sync", "set_epoch",
+           "setup", "unwrap", "wrap_model"]
 
 
 @dataclass(frozen=True)
@@ -103,36 +106,110 @@ def destroy() -> None:
         tdist.destroy_process_group()
 
 
-def _is_fsdp(model: nn.Module) -> bool:
+def _fsdp2_class() -> type | None:
     try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    except ImportError:  # an older torch without FSDP2
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return None
+    return FSDPModule
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``
+    applied to it, the root): its parameters are ``DTensor`` shards."""
+    cls = _fsdp2_class()
+    return cls is not None and isinstance(model, cls)
+
+
+def _is_fsdp1(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
         return type(model).__name__ == "FullyShardedDataParallel"
-    return isinstance(model, (FSDPModule, FullyShardedDataParallel))
+    return isinstance(model, FullyShardedDataParallel)
+
+
+def _sharded_submodule(model: nn.Module) -> str | None:
+    """The name of a submodule sharded with FSDP (1 or 2), ``None`` if there is none."""
+    cls = _fsdp2_class()
+    for name, sub in model.named_modules():
+        if (cls is not None and isinstance(sub, cls)) or _is_fsdp1(sub):
+            return name or "<root>"
+    return None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper (``model`` itself otherwise)."""
+    """The model inside a DistributedDataParallel wrapper (``model`` itself otherwise,
+    also for a model sharded with ``fully_shard``, which changes the module in place)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return model.module if isinstance(model, DDP) else model
 
 
 def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Wrap ``model`` in DistributedDataParallel unless it already is. Sharded models
-    (FSDP) are refused: the loop's accumulation and state protocol are DDP's."""
+    """Wrap ``model`` in DistributedDataParallel unless it already is one or is sharded
+    with FSDP2 (``fully_shard``): both are used as they are. FSDP1
+    (``FullyShardedDataParallel``) and a model whose submodules are sharded but whose
+    root is not are refused."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    if isinstance(model, DDP):
+    if isinstance(model, DDP) or is_sharded(model):
         return model
-    if _is_fsdp(model):
+    if _is_fsdp1(model):
         raise NotImplementedError(
-            "hookloop does not support FSDP models yet (gradient accumulation uses DDP's "
-            "no_sync and checkpoints hold full state dicts); see docs/distributed.md"
-        )
+            "hookloop does not support FullyShardedDataParallel (FSDP1); shard the model with "
+            "torch.distributed.fsdp.fully_shard (FSDP2) instead, see docs/distributed.md")
+    inner = _sharded_submodule(model)
+    if inner is not None:
+        raise ValueError(
+            f"submodule {inner!r} of the model is sharded with FSDP but the model itself is not: "
+            f"apply torch.distributed.fsdp.fully_shard to the root module too (after its "
+            f"submodules), see docs/distributed.md")
     if device.type == "cuda":
         return DDP(model, device_ids=[device.index if device.index is not None else 0])
     return DDP(model)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+def no_sync(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """The context in which a backward accumulates gradients without synchronising
+    them: DDP's ``no_sync()``, or ``set_requires_gradient_sync(False)`` for a model
+    sharded with FSDP2 (set back to ``True`` on exit); a null context otherwise."""
+    if is_sharded(model):
+        return _fsdp_no_sync(model)
+    fn = getattr(model, "no_sync", None)
+    return fn() if callable(fn) else contextlib.nullcontext()
+
+
+def drop_unsynced_grads(model: nn.Module) -> None:
+    """Drop the gradients that FSDP2 holds unsharded after backwards run with
+    ``set_requires_gradient_sync(False)`` (an accumulation window that never reached its
+    synchronising micro-batch). ``optimizer.zero_grad`` does not reach them: they live
+    on FSDP's unsharded parameters, and the next synchronising backward would add them.
+    FSDP2 has no public call for this; the attributes are those of torch 2.13, and a
+    torch without them leaves nothing to drop."""
+    cls = _fsdp2_class()
+    if cls is None:
+        return
+    for sub in model.modules():
+        if not isinstance(sub, cls):
+            continue
+        state = getattr(sub, "_get_fsdp_state", lambda: None)()
+        group = getattr(state, "_fsdp_param_group", None)
+        for fsdp_param in getattr(group, "fsdp_params", ()):
+            if hasattr(fsdp_param, "unsharded_accumulated_grad"):
+                fsdp_param.unsharded_accumulated_grad = None
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)
+            if unsharded is not None:
+                unsharded.grad = None
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

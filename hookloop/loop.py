@@ -52,6 +52,8 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
 
     :param model: the ``nn.Module`` to train (moved to ``device``; wrapped in
         DistributedDataParallel when a process group with more than one rank is active).
+        A model sharded with FSDP2 (``torch.distributed.fsdp.fully_shard`` applied to
+        its root) is used as it is: see :attr:`sharded`.
     :param optimizer: an optimizer, or a sequence of them (e.g. for a GAN, with
         ``manual_optimization=True``).
     :param train_data: an iterable of batches, re-iterated every epoch (a DataLoader).
@@ -157,6 +159,11 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
         self.device = torch.device(device) if device is not None else model_device(model)
         self.model: nn.Module = model.to(self.device)
         self.module = dist.unwrap(self.model)  # the inner model of a DDP model passed in
+        if precision == "16-mixed" and self.sharded:
+            raise ValueError(
+                "precision='16-mixed' with a model sharded by fully_shard is not supported: the "
+                "GradScaler would find infinite gradients per shard, and ranks could skip "
+                "different steps. Use 'bf16-mixed', or FSDP2's MixedPrecisionPolicy")
         self.optim = Optimization(
             self, as_list(optimizer), as_list(scheduler), precision=precision,
             grad_accum=grad_accum, grad_clip_norm=grad_clip_norm, grad_clip_value=grad_clip_value,
@@ -342,7 +349,7 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
                 result = self._forward_backward(batch)  # fast path: no context managers
             else:
                 sync_ctx = (
-                    self.model.no_sync()  # type: ignore[operator]
+                    dist.no_sync(self.model)  # DDP's no_sync, or FSDP2's gradient sync off
                     if not boundary and self._dist.active
                     else contextlib.nullcontext()
                 )

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hookloop._distributed import drop_unsynced_grads
+
 if TYPE_CHECKING:
     from hookloop.loop import Loop
 
@@ -74,6 +76,8 @@ class Optimization:
                 raise ValueError(
                     f"optimizer[{i}] ({type(opt).__name__}) holds none of the model's "
                     f"parameters ({len(held)} foreign tensors); build it from model.parameters()"
+                    " (for a model sharded with fully_shard: after fully_shard, which replaces "
+                    "the parameters)"
                 )
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -166,6 +170,8 @@ class Optimization:
                         "dropped at the end of epoch %d", self.accumulated, epoch)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        if self._loop.sharded:  # FSDP2 keeps unsynchronised gradients out of the optimizer's reach
+            drop_unsynced_grads(self._loop.module)
         self.accumulated = 0
 
     # ------------------------------------------------------------------ checkpoint

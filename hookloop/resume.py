@@ -11,8 +11,16 @@ A resume is one core step, requested through ``fit(resume=...)`` or by a plugin'
    the CPU, where torch needs them); then ``on_load_checkpoint`` fires.
 
 Each rank restores its own entry of ``rng`` (its RNG, loader position and metrics not
-yet reduced). The per-part layout leaves room for sharded state later: ``model`` and
-``optimizers`` are the only parts that would change form.
+yet reduced).
+
+A model sharded with FSDP2 (``fully_shard``; :attr:`StateAPI.sharded`) changes the form of
+two parts only: ``model`` and ``optimizers`` hold this rank's shards, as
+``torch.distributed.checkpoint.state_dict`` gives them (``DTensor`` values, optimizer state
+keyed by parameter name; see :func:`sharded_state`), and the checkpoint says
+``"sharded": True``. Such a checkpoint is written and read with
+``torch.distributed.checkpoint`` (the checkpoint plugin does); restoring it uses
+``set_model_state_dict`` / ``set_optimizer_state_dict``. A sharded checkpoint does not
+restore into a model that is not sharded, nor the reverse (:class:`ResumeError`).
 
 A plugin whose ``load_state_dict`` rebuilds the optimizer's param groups (freezing)
 declares ``hookloop_changes_param_groups = True``; the group layout is then checked by
@@ -45,7 +53,7 @@ if TYPE_CHECKING:
     from hookloop.loop import Loop
 
 __all__ = ["COMPILED_PREFIX", "STATE_FORMAT", "ResumeError", "StateAPI", "align_compiled_keys", "claim",
-           "collect", "migrate", "restore", "state_key"]
+           "collect", "migrate", "restore", "sharded_state", "state_key"]
 
 log = logging.getLogger("hookloop")
 
@@ -150,6 +158,63 @@ def claim(loop: Loop, plugin: Any) -> None:
         plugin._hookloop_owner = weakref.ref(loop)
 
 
+# ---------------------------------------------------------------------- sharded state
+
+
+def _copy_tree(obj: Any) -> Any:
+    """A copy of nested dicts, lists and tuples whose tensors are cloned (a ``DTensor``
+    stays a ``DTensor`` of the same sharding); other leaves are deep-copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, Mapping):
+        return {k: _copy_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_copy_tree(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_copy_tree(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def sharded_state(loop: Loop, *, copy: bool = False) -> dict[str, Any]:
+    """The ``model`` and ``optimizers`` parts of :meth:`~hookloop.Loop.state_dict` for a
+    loop whose model is sharded (:attr:`~hookloop.Loop.sharded`): this rank's shards,
+    from ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` and
+    ``get_optimizer_state_dict`` (one per optimizer, keyed by parameter name).
+
+    Without ``copy`` the tensors are the live ones (what a save writes). With
+    ``copy=True`` they are clones of the same shapes and sharding, linked to nothing
+    live: a state to load a checkpoint into (``torch.distributed.checkpoint.load``)
+    before :meth:`~hookloop.Loop.load_state_dict` validates and applies it. torch
+    initialises the state of an optimizer that has none yet (a step with zero learning
+    rate) to describe it; with ``copy=True`` that state is dropped again, so the loop is
+    left as it was.
+    """
+    if not loop.sharded:
+        raise ValueError("sharded_state: this loop's model is not sharded (loop.sharded is False); "
+                         "its state is loop.state_dict()")
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    module = loop.module
+    fresh = [not opt.state for opt in loop.optimizers]
+    model = get_model_state_dict(module)
+    optimizers = [get_optimizer_state_dict(module, opt) for opt in loop.optimizers]
+    if not copy:
+        return {"model": model, "optimizers": optimizers}
+    out = {"model": _copy_tree(model), "optimizers": _copy_tree(optimizers)}
+    for opt, was_fresh in zip(loop.optimizers, fresh, strict=True):
+        if was_fresh:
+            opt.state.clear()
+    return out
+
+
+def _live_model_state(loop: Loop) -> dict[str, Any]:
+    if loop.sharded:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(loop.module)
+    return loop.module.state_dict()
+
+
 # ---------------------------------------------------------------------- saving
 
 
@@ -169,10 +234,16 @@ def collect(loop: Loop) -> dict[str, Any]:
     ranks = dist.all_gather_object(rng) if loop._dist.active else [rng]
     optim = loop.optim
     plugins, meta = _plugin_states(loop)
+    if loop.sharded:
+        parts = sharded_state(loop)
+    else:
+        parts = {"model": loop.module.state_dict(),
+                 "optimizers": [opt.state_dict() for opt in optim.optimizers]}
     checkpoint: dict[str, Any] = {
         "format": STATE_FORMAT,
-        "model": loop.module.state_dict(),
-        "optimizers": [opt.state_dict() for opt in optim.optimizers],
+        "sharded": loop.sharded,
+        "model": parts["model"],
+        "optimizers": parts["optimizers"],
         "schedulers": [s.state_dict() for s in optim.schedulers],
         "scaler": optim.scaler.state_dict() if optim.scaler is not None else None,
         "layout": optim.describe(),
@@ -254,8 +325,26 @@ def _match_plugins(loop: Loop, checkpoint: Mapping[str, Any]) -> tuple[
     return matches, problems, warnings_
 
 
-def _check_model(loop: Loop, saved: Mapping[str, Any], strict: bool) -> list[str]:
-    live = loop.module.state_dict()
+def _check_form(loop: Loop, checkpoint: Mapping[str, Any]) -> str | None:
+    """A sharded checkpoint into a model that is not sharded, or the reverse."""
+    saved = bool(checkpoint.get("sharded", False))
+    if saved == loop.sharded:
+        return None
+    if saved:
+        return ("the checkpoint holds sharded model and optimizer state (saved from a model "
+                "sharded with fully_shard, written with torch.distributed.checkpoint); this loop's "
+                "model is not sharded. Shard it with torch.distributed.fsdp.fully_shard as the "
+                "saving run did (on any world size), or convert the checkpoint with "
+                "torch.distributed.checkpoint.format_utils.dcp_to_torch_save to load its weights")
+    return ("the checkpoint holds full (unsharded) model and optimizer state; this loop's model "
+            "is sharded with fully_shard, and a sharded loop resumes only from sharded "
+            "checkpoints (torch.distributed.checkpoint). Resume without fully_shard, as the "
+            "saving run did, or load only the weights into the model before sharding it")
+
+
+def _check_model(loop: Loop, saved: Mapping[str, Any], strict: bool,
+                 live: Mapping[str, Any] | None = None) -> list[str]:
+    live = _live_model_state(loop) if live is None else live
     problems = []
     if strict:
         missing = [k for k in live if k not in saved]
@@ -328,8 +417,14 @@ def restore(loop: Loop, checkpoint: Mapping[str, Any], *, strict: bool = True) -
         raise ResumeError(f"a checkpoint is a dict made by loop.state_dict(); got "
                           f"{type(checkpoint).__name__}")
     checkpoint = migrate(checkpoint)
+    form = _check_form(loop, checkpoint)
+    if form is not None:
+        if loop._dist.active:
+            _agree(checkpoint, True)
+        raise ResumeError(f"checkpoint does not fit this loop; nothing was restored:\n  {form}")
+    live = _live_model_state(loop)
     if isinstance(checkpoint.get("model"), Mapping):  # a torch.compile'd model, or the reverse
-        checkpoint["model"] = align_compiled_keys(checkpoint["model"], loop.module.state_dict().keys())
+        checkpoint["model"] = align_compiled_keys(checkpoint["model"], live.keys())
     # phase 1: validate everything, change nothing
     problems: list[str] = []
     for key in ("model", "optimizers", "loop"):
@@ -339,7 +434,7 @@ def restore(loop: Loop, checkpoint: Mapping[str, Any], *, strict: bool = True) -
         if loop._dist.active:
             _agree(checkpoint, True)
         raise ResumeError("checkpoint does not fit this loop:\n  " + "\n  ".join(problems))
-    problems += _check_model(loop, checkpoint["model"], strict)
+    problems += _check_model(loop, checkpoint["model"], strict, live)
     problems += _check_optim(loop, checkpoint)
     counters = checkpoint["loop"]
     if loop.train_data is not None and not counters.get("epoch_done"):
@@ -384,11 +479,23 @@ def _agree(checkpoint: Mapping[str, Any], failed: bool) -> None:
 def _apply(loop: Loop, checkpoint: Mapping[str, Any], matches: list[tuple[str, Any, str]],
            strict: bool) -> None:
     optim = loop.optim
-    loop.module.load_state_dict(checkpoint["model"], strict=strict)
+    if loop.sharded:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        set_model_state_dict(loop.module, checkpoint["model"], options=StateDictOptions(strict=strict))
+    else:
+        loop.module.load_state_dict(checkpoint["model"], strict=strict)
     for _name, plugin, key in matches:  # after the model: e.g. freezing rebuilds param groups
         _load_plugin_state(loop, plugin, to_device(checkpoint["plugins"][key], loop.device))
     for opt, sd in zip(optim.optimizers, checkpoint["optimizers"], strict=True):
-        opt.load_state_dict(sd)
+        if loop.sharded:
+            set_optimizer_state_dict(loop.module, opt, sd)
+        else:
+            opt.load_state_dict(sd)
     for sched, sd in zip(optim.schedulers, checkpoint.get("schedulers", []), strict=True):
         sched.load_state_dict(sd)
     if optim.scaler is not None and checkpoint.get("scaler"):
@@ -430,6 +537,16 @@ class StateAPI:
     grad_clip_norm: float | None
 
     @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded over the ranks with FSDP2
+        (``torch.distributed.fsdp.fully_shard`` applied to its root module). Then
+        ``loop.model`` and ``loop.module`` are the same object, its parameters are
+        ``DTensor`` shards, and :meth:`state_dict` holds this rank's shards of the model and
+        optimizer state (see :func:`hookloop.resume.sharded_state`), to be written with
+        ``torch.distributed.checkpoint`` by every rank rather than by rank 0 alone."""
+        return dist.is_sharded(self.module)
+
+    @property
     def hparams(self) -> dict[str, Any]:
         """The loop's configuration plus the user's ``hparams``, for trackers to record."""
         opt = self.optimizers[0] if self.optimizers else None
@@ -452,9 +569,12 @@ class StateAPI:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit-exactly; loadable with
         ``torch.load(weights_only=True)``. Under DDP every rank must call it (RNG
-        states of all ranks are gathered, so rank 0 can write them all).
+        states of all ranks are gathered, so rank 0 can write them all). For a sharded
+        model (:attr:`sharded`) ``model`` and ``optimizers`` hold this rank's shards
+        (``DTensor`` values; see :func:`hookloop.resume.sharded_state`), which
+        ``torch.distributed.checkpoint`` writes from every rank.
 
-        Keys: ``format`` (``hookloop.loop/2``), ``model``, ``optimizers``,
+        Keys: ``format`` (``hookloop.loop/2``), ``sharded``, ``model``, ``optimizers``,
         ``schedulers``, ``scaler``, ``layout`` (optimizer and scheduler classes and
         group sizes), ``loop`` (counters and stamped metrics), ``metrics_pending``,
         ``rng`` (one entry per rank, each with ``now``, ``epoch_start``, ``loader`` and
@@ -469,7 +589,8 @@ class StateAPI:
         """Restore :meth:`state_dict` output in two phases: validate everything (model
         keys and shapes, optimizer and scheduler layout, plugin states; a mismatch raises
         :class:`~hookloop.resume.ResumeError` listing every problem and changes
-        nothing), then apply: model, plugins (tensors on ``loop.device``; a plugin's
+        nothing; so does a sharded checkpoint into a model that is not sharded, or the
+        reverse), then apply: model, plugins (tensors on ``loop.device``; a plugin's
         ``load_state_dict`` that takes a ``loop`` keyword receives this loop),
         optimizers, schedulers, scaler, counters, pending metrics, RNG; then
         ``on_load_checkpoint`` fires. ``strict=False`` allows missing or unexpected

@@ -1,10 +1,11 @@
 """The single-node launch examples of docs/distributed.md run as written: every Python
-block marked ``<!-- run-under-torchrun -->`` is extracted and run under torchrun with
-two CPU processes (gloo), through ``worker_docs.py``. Multi-node commands are shown in
-the docs, not run."""
+block marked ``<!-- run-under-torchrun -->`` (or ``<!-- run-under-torchrun-sharded -->``,
+the FSDP2 example) is extracted and run under torchrun with two CPU processes (gloo),
+through ``worker_docs.py``. Multi-node commands are shown in the docs, not run."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -13,20 +14,21 @@ from _launch import TEST_TIMEOUT, torchrun
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "distributed.md"
 MARK = "<!-- run-under-torchrun -->"
-BLOCK = re.compile(re.escape(MARK) + r"\s*\n```python\n(.*?)\n```", re.DOTALL)
+SHARDED_MARK = "<!-- run-under-torchrun-sharded -->"
 
 
-def snippets() -> list[str]:
-    """The marked Python blocks of the doc, in order."""
+def snippets(mark: str = MARK) -> list[str]:
+    """The Python blocks of the doc marked with ``mark``, in order."""
     text = DOC.read_text()
-    found = BLOCK.findall(text)
-    assert len(found) == text.count(MARK), "a run-under-torchrun mark not followed by a python block"
+    found = re.findall(re.escape(mark) + r"\s*\n```python\n(.*?)\n```", text, re.DOTALL)
+    assert len(found) == text.count(mark), f"a {mark} mark not followed by a python block"
     return found
 
 
-def test_the_doc_marks_its_launch_example() -> None:
-    blocks = snippets()
-    assert blocks, f"no {MARK} block in {DOC}"
+@pytest.mark.parametrize("mark", [MARK, SHARDED_MARK])
+def test_the_doc_marks_its_launch_example(mark: str) -> None:
+    blocks = snippets(mark)
+    assert blocks, f"no {mark} block in {DOC}"
     for code in blocks:
         compile(code, str(DOC), "exec")
 
@@ -59,3 +61,27 @@ def test_a_marked_snippet_runs_under_torchrun(tmp_path: Path, index: int) -> Non
     assert len(state["rng"]) == 2  # every rank's RNG state, gathered
     # the rank-zero-only tracker wrote its event files
     assert list((out / "runs").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(TEST_TIMEOUT)
+@pytest.mark.parametrize("index", range(len(snippets(SHARDED_MARK))))
+def test_a_marked_sharded_snippet_runs_under_torchrun(tmp_path: Path, index: int) -> None:
+    script = tmp_path / f"sharded{index}.py"
+    script.write_text(snippets(SHARDED_MARK)[index])
+    out = tmp_path / "out"
+    run = torchrun("worker_docs.py", out, str(script))
+    assert run.returncode == 0, run.output[-8000:]
+    r0, r1 = run.results("docs")
+    for rank, r in enumerate((r0, r1)):
+        # the script created its process group (fully_shard needs it) and destroyed it
+        assert r["inits"] == 1 and not r["group_up_after"], r
+        assert (r["rank"], r["world_size"], r["closed"]) == (rank, 2, True)
+    assert r0["global_step"] == r1["global_step"] > 0
+    # one directory per checkpoint, a shard file from each rank, listed by rank 0
+    manifest = json.loads((out / "checkpoints" / "checkpoints.json").read_text())
+    assert manifest["checkpoints"] and all(e["sharded"] for e in manifest["checkpoints"])
+    last = out / "checkpoints" / manifest["last"]
+    assert sorted(p.name for p in last.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "loop.pt"]
+    assert "checkpoints/checkpoints.json" in r0["replaced"] and not any(
+        p.endswith("checkpoints.json") for p in r1["replaced"])

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import string
 import uuid
 from collections.abc import Callable, Mapping
@@ -118,9 +119,10 @@ def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 22) -> tuple[int
 
 
 def cleanup_tmp_files(directory: str | os.PathLike[str]) -> list[str]:
-    """Remove temporary files left by writes that were killed; returns their names.
+    """Remove temporary files left by writes that were killed, and the temporary
+    directories of sharded checkpoints that were never completed; returns their names.
 
-    Only names of the exact form this module creates are touched.
+    Only names of the exact form this package creates are touched.
     """
     removed = []
     try:
@@ -129,8 +131,12 @@ def cleanup_tmp_files(directory: str | os.PathLike[str]) -> list[str]:
         return removed
     for name in names:
         if _TMP_RE.match(name):
+            path = os.path.join(directory, name)
             with contextlib.suppress(OSError):
-                os.unlink(os.path.join(directory, name))
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
                 removed.append(name)
     return removed
 

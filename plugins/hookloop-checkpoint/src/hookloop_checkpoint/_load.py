@@ -8,13 +8,16 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from hookloop.resume import align_compiled_keys
-from hookloop_checkpoint._io import MANIFEST_NAME, file_digest, read_manifest
+from hookloop.resume import ResumeError, align_compiled_keys, sharded_state
+from hookloop_checkpoint._io import MANIFEST_NAME, file_digest, read_manifest, sanitize_name
+
+if TYPE_CHECKING:
+    from hookloop.loop import Loop
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -27,16 +30,23 @@ __all__ = [
     "WeightsOnlyCheckpointError",
     "align_compiled_keys",
     "best_checkpoint",
+    "is_sharded_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
     "load",
     "load_checkpoint",
+    "load_shards",
 ]
 
 log = logging.getLogger("hookloop.checkpoint")
 
 CHECKPOINT_FORMAT = "hookloop.checkpoint/1"
 FORMAT_VERSION = 1
+SHARDED_STATE_FILE = "loop.pt"
+"""In a sharded checkpoint's directory: everything but the model and optimizer shards
+(counters, RNG of every rank, plugin states, hparams), written by rank 0."""
+DCP_METADATA = ".metadata"
+"""In a sharded checkpoint's directory: torch.distributed.checkpoint's index of the shards."""
 
 
 class CheckpointError(Exception):
@@ -123,11 +133,152 @@ def _verify(path: Path, expected: Mapping[str, Any] | None) -> None:
             raise CorruptCheckpointError(f"{path}: SHA-256 does not match the manifest (corrupt)")
 
 
-def _read_entry(directory: Path, entry: Mapping[str, Any], map_location: Any) -> dict[str, Any]:
+def _read_entry(directory: Path, entry: Mapping[str, Any], map_location: Any,
+                loop: Loop | None = None, shards: bool = True) -> dict[str, Any]:
     files = entry.get("files") or {}
+    if entry.get("sharded"):
+        primary = entry["primary"]
+        if not isinstance(primary, str) or sanitize_name(primary) != primary:
+            raise UnsafeCheckpointError(f"{directory / MANIFEST_NAME}: refused the sharded checkpoint "
+                                        f"{primary!r}: not a plain directory name inside {directory}")
     for fname, info in files.items():
         _verify(directory / fname, info)
+    if entry.get("sharded"):
+        return _read_sharded(directory / entry["primary"], map_location, loop, shards)
     return _read_file(directory / entry["primary"], map_location, verified=True)
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is the directory of one sharded checkpoint (written from a model
+    sharded with ``fully_shard``: DCP's shards plus the loop's small state)."""
+    path = Path(path)
+    return (path / SHARDED_STATE_FILE).is_file() and (path / DCP_METADATA).is_file()
+
+
+def _saved_layout(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[int, tuple[set[str], int]]] | None:
+    """From DCP's index: the model's keys and global shapes, and per optimizer the
+    ``state`` tensors (``"<parameter>/<name>"``) and the number of param groups;
+    ``None`` when the index does not say (another planner wrote it)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as exc:
+        raise CorruptCheckpointError(f"{path}: unreadable {DCP_METADATA} ({exc!r})") from exc
+    paths = getattr(metadata, "planner_data", None)
+    if not isinstance(paths, Mapping):
+        return None
+    model: dict[str, tuple[int, ...]] = {}
+    optims: dict[int, tuple[set[str], int]] = {}
+    for key, where in paths.items():
+        info = metadata.state_dict_metadata.get(key)
+        if not isinstance(where, tuple) or len(where) < 2:
+            continue
+        if where[0] == "model" and len(where) == 2:
+            model[str(where[1])] = tuple(getattr(info, "size", ()))
+        elif where[0] == "optimizers" and len(where) >= 4 and isinstance(where[1], int):
+            state, groups = optims.setdefault(where[1], (set(), 0))
+            if where[2] == "state":
+                state.add(f"{where[3]}/{where[4] if len(where) > 4 else ''}")
+            elif where[2] == "param_groups" and isinstance(where[3], int):
+                optims[where[1]] = (state, max(groups, where[3] + 1))
+    return model, optims
+
+
+def _check_sharded(path: Path, small: Mapping[str, Any], template: Mapping[str, Any],
+                   loop: Loop) -> list[str]:
+    """What keeps the shards at ``path`` from loading into ``template`` (this loop's
+    sharded state), found before anything is read: model keys and shapes, optimizer
+    classes and count, their state tensors and param groups."""
+    layout = _saved_layout(path)
+    if layout is None:
+        return []
+    model, optims = layout
+    problems = []
+    live = template["model"]
+    missing = [k for k in live if k not in model]
+    unexpected = [k for k in model if k not in live]
+    if missing:
+        problems.append(f"model: keys missing from the checkpoint: {missing[:8]}"
+                        f"{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"model: unexpected keys in the checkpoint: {unexpected[:8]}"
+                        f"{' ...' if len(unexpected) > 8 else ''}")
+    for k, shape in model.items():
+        mine = live.get(k)
+        if isinstance(mine, torch.Tensor) and tuple(mine.shape) != shape:
+            problems.append(f"model: {k} has shape {shape} in the checkpoint and {tuple(mine.shape)} "
+                            f"in the model")
+    opts = template["optimizers"]
+    if len(optims) != len(opts):
+        return [*problems, f"optimizers: the checkpoint has {len(optims)} optimizer states; the loop "
+                           f"has {len(opts)}"]
+    saved_classes = [o.get("class") for o in ((small.get("layout") or {}).get("optimizers") or [])]
+    for i, (sd, opt) in enumerate(zip(opts, loop.optimizers, strict=True)):
+        saved_cls = saved_classes[i] if i < len(saved_classes) else None
+        if saved_cls is not None and saved_cls != type(opt).__name__:
+            problems.append(f"optimizer[{i}]: the checkpoint holds a {saved_cls}; the loop has a "
+                            f"{type(opt).__name__}")
+            continue
+        state, groups = optims.get(i, (set(), 0))
+        mine_groups = len(sd.get("param_groups", []))
+        if groups != mine_groups:
+            problems.append(f"optimizer[{i}]: {groups} param group(s) in the checkpoint, {mine_groups} "
+                            f"in the loop")
+        wanted = {f"{p}/{n}" for p, entry in sd.get("state", {}).items() for n, v in entry.items()
+                  if isinstance(v, torch.Tensor)}
+        absent = sorted(wanted - state)
+        if absent:
+            problems.append(f"optimizer[{i}]: state missing from the checkpoint: "
+                            f"{absent[:6]}{' ...' if len(absent) > 6 else ''}")
+    return problems
+
+
+def _read_sharded(path: Path, map_location: Any, loop: Loop | None, shards: bool = True) -> dict[str, Any]:
+    """A sharded checkpoint as a dict for ``loop.load_state_dict``: the small state from
+    ``loop.pt`` and, unless ``shards=False``, the shards (:func:`load_shards`, a
+    collective). Without the shards, the dict has no ``model`` and ``optimizers``."""
+    small = _read_file(path / SHARDED_STATE_FILE, map_location, verified=True)
+    if loop is None:
+        raise CheckpointError(
+            f"{path} is a sharded checkpoint (written by every rank with torch.distributed.checkpoint "
+            f"from a model sharded with fully_shard): its shards load only into a loop's sharded "
+            f"model. Pass the loop on every rank: load_checkpoint(path, loop=loop), or resume "
+            f"with Checkpoint(resume=...); for the weights alone, convert it to one file with "
+            f"torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
+    if not loop.sharded:
+        raise ResumeError(
+            f"checkpoint does not fit this loop; nothing was restored:\n  {path} holds sharded model "
+            f"and optimizer state (saved from a model sharded with fully_shard, written with "
+            f"torch.distributed.checkpoint); this loop's model is not sharded. Shard it with "
+            f"torch.distributed.fsdp.fully_shard as the saving run did (on any world size), or "
+            f"convert the checkpoint with torch.distributed.checkpoint.format_utils.dcp_to_torch_save "
+            f"to load its weights")
+    if not small.get("sharded") or not isinstance(small.get("checkpoint"), dict):
+        raise CorruptCheckpointError(f"{path / SHARDED_STATE_FILE}: not the state of a sharded checkpoint")
+    small["checkpoint"]["path"] = str(path)
+    return load_shards(small, loop) if shards else small
+
+
+def load_shards(small: dict[str, Any], loop: Loop) -> dict[str, Any]:
+    """Complete a sharded checkpoint read without its shards: check DCP's index against
+    ``loop``'s sharded state, then load the shards with
+    ``torch.distributed.checkpoint.load`` into a copy of that state (DCP reshards when
+    the world size changed). Every rank must call it."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(small["checkpoint"]["path"])
+    template = sharded_state(loop, copy=True)
+    problems = _check_sharded(path, small, template, loop)
+    if problems:
+        raise ResumeError(f"sharded checkpoint {path} does not fit this loop; nothing was restored:\n  "
+                          + "\n  ".join(problems))
+    try:
+        dcp.load(template, checkpoint_id=str(path))
+    except Exception as exc:  # every rank raises: DCP gathers the read results
+        raise CorruptCheckpointError(f"{path}: torch.distributed.checkpoint could not load the shards: "
+                                     f"{exc}") from exc
+    return {**small, **template}
 
 
 def _read_file(path: Path, map_location: Any, verified: bool = False) -> dict[str, Any]:
@@ -247,23 +398,33 @@ def _scan(directory: Path, map_location: Any, weights_ok: bool = False) -> dict[
 
 
 def load_checkpoint(
-    path: str | Path, map_location: Any = "cpu", *, which: str = "latest"
+    path: str | Path, map_location: Any = "cpu", *, which: str = "latest", loop: Loop | None = None
 ) -> dict[str, Any]:
     """Load a checkpoint written by :class:`~hookloop_checkpoint.Checkpoint` as a dict
     that ``loop.fit(..., resume=...)`` and ``loop.load_state_dict`` accept.
 
-    :param path: a checkpoint file, or a checkpoint directory. For a directory,
-        ``which="latest"`` takes the newest complete checkpoint and, when a file is
-        truncated or fails its manifest checksum, falls back to the previous complete
-        one with a warning; ``which="best"`` takes the best by the monitored metric
-        (the latest when there is no best), with the same fallback.
+    :param path: a checkpoint file, the directory of one sharded checkpoint, or a
+        checkpoint folder (``dirpath``). For a folder, ``which="latest"`` takes the
+        newest complete checkpoint and, when a file is truncated or fails its manifest
+        checksum, falls back to the previous complete one with a warning;
+        ``which="best"`` takes the best by the monitored metric (the latest when there
+        is no best), with the same fallback.
     :param map_location: as for ``torch.load``.
+    :param loop: the loop to resume, needed for a sharded checkpoint (saved from a model
+        sharded with ``fully_shard``): its shards are loaded with
+        ``torch.distributed.checkpoint.load`` into a copy of this loop's sharded state
+        (resharded when the world size changed), so every rank must make the call.
+        Ignored for other checkpoints.
     :raises CheckpointNotFoundError: nothing loadable there (never a silent fresh start).
     :raises UnsafeCheckpointError: the file carries a pickle payload; it is refused and
-        nothing in it runs. Loading always uses ``torch.load(weights_only=True)``.
+        nothing in it runs. Loading always uses ``torch.load(weights_only=True)``; the
+        shards of a sharded checkpoint are read by torch.distributed.checkpoint, whose
+        index (``.metadata``) is a pickle: load those only from a trusted source.
     :raises CorruptCheckpointError: a single file given by path is damaged.
+    :raises hookloop.ResumeError: a sharded checkpoint that does not fit ``loop`` (a
+        model that is not sharded, other keys or shapes, another optimizer).
     """
-    return _load_any(path, map_location, which, weights_ok=False)
+    return _load_any(path, map_location, which, weights_ok=False, loop=loop)
 
 
 def _is_weights_only(ckpt: Mapping[str, Any]) -> bool:
@@ -271,12 +432,20 @@ def _is_weights_only(ckpt: Mapping[str, Any]) -> bool:
     return isinstance(meta, Mapping) and bool(meta.get("weights_only"))
 
 
-def _load_any(path: str | Path, map_location: Any, which: str, *, weights_ok: bool) -> dict[str, Any]:
+def _load_any(path: str | Path, map_location: Any, which: str, *, weights_ok: bool,
+              loop: Loop | None = None, shards: bool = True) -> dict[str, Any]:
     """:func:`load_checkpoint`; ``weights_ok`` also accepts (and, in a folder, picks)
-    checkpoints saved with ``weights_only=True``."""
+    checkpoints saved with ``weights_only=True``; ``shards=False`` leaves the shards of a
+    sharded checkpoint for :func:`load_shards`."""
     if which not in ("latest", "best"):
         raise ValueError(f"which={which!r}; expected 'latest' or 'best'")
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        manifest = _try_manifest(path.parent)
+        entry = _entry_for(manifest, path.name) if manifest else None
+        for fname, info in ((entry or {}).get("files") or {}).items():
+            _verify(path.parent / fname, info)
+        return _read_sharded(path, map_location, loop, shards)
     if not path.is_dir():
         if not path.exists():
             raise CheckpointNotFoundError(f"{path}: no such checkpoint file or directory")
@@ -307,7 +476,7 @@ def _load_any(path: str | Path, map_location: Any, which: str, *, weights_ok: bo
     errors = []
     for entry in entries:
         try:
-            ckpt = _read_entry(path, entry, map_location)
+            ckpt = _read_entry(path, entry, map_location, loop, shards)
         except CorruptCheckpointError as exc:
             errors.append(str(exc))
             continue

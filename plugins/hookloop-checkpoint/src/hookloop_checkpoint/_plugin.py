@@ -46,8 +46,11 @@ from hookloop_checkpoint._load import (
     FORMAT_VERSION,
     CheckpointError,
     CheckpointNotFoundError,
-    load_checkpoint,
+    _load_any,
+    is_sharded_checkpoint,
+    load_shards,
 )
+from hookloop_checkpoint._sharded import finalize, remove_path, split, tmp_name, write_state
 from hookloop_checkpoint._staging import StagingBuffer
 
 if TYPE_CHECKING:
@@ -70,11 +73,12 @@ class CheckpointWriteError(CheckpointError, OSError):
 class SaveStat:
     """Timing of one save.
 
-    :ivar path: the checkpoint's main file.
+    :ivar path: the checkpoint's main file (the directory of a sharded checkpoint).
     :ivar stall_s: seconds the training loop was blocked by this save (for an async
         save: building the state and copying it to CPU memory).
     :ivar write_s: seconds spent serialising and writing (on the writer thread for an
-        async save); ``None`` until the write finished.
+        async save; for an async sharded save, the wait for DCP's write at the next save
+        or at the end of fit, plus the listing); ``None`` until the write finished.
     :ivar nbytes: bytes written (all files of the checkpoint).
     """
 
@@ -100,6 +104,7 @@ class _Job:
         self.files: dict[str, Any] | None = None
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
+        self.owner = True  # this rank lists the checkpoint (rank 0); others wrote shards only
 
     def run(self) -> None:
         start = time.perf_counter()
@@ -123,6 +128,63 @@ def _plain_keys(model_state: Mapping[str, Any]) -> dict[str, Any]:
 def _alias(fname: str, name: str, last_name: str) -> str:
     """The stable-name counterpart of one file of checkpoint ``name``."""
     return last_name + fname[len(name):]
+
+
+def _entry_paths(entry: Mapping[str, Any]) -> set[str]:
+    """What a listed checkpoint occupies in its folder: the directory of a sharded one,
+    the files of another."""
+    if entry.get("sharded"):
+        return {entry["primary"]}
+    return set(entry.get("files") or {entry["primary"]: None})
+
+
+def _size(path: Path) -> int:
+    if path.is_dir() and not path.is_symlink():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _publish(directory: Path, entry: dict[str, Any], files: dict[str, Any], manifest: dict[str, Any],
+             removed: list[dict[str, Any]], last_name: str | None, undo: Callable[[], None],
+             trash: Path | None = None) -> None:
+    """List the complete new checkpoint in the manifest, then delete what it replaces
+    (``removed``, and ``trash``: a same-named sharded checkpoint moved aside). When the
+    manifest cannot be written, ``undo`` takes the new checkpoint away again."""
+    name = entry["name"]
+    try:
+        done = {**entry, "files": files}
+        manifest["checkpoints"] = [done if e["seq"] == entry["seq"] else e for e in manifest["checkpoints"]]
+        manifest["last"] = done["primary"]
+        own = set(files) | _entry_paths(done)
+        doomed = sorted(set().union(*(_entry_paths(old) for old in removed)) - own)
+        # listed before the deletion: a run killed in between deletes them at its next start
+        manifest["removing"] = doomed
+        if last_name is not None:
+            manifest["last_alias"] = f"{last_name}.pt"
+            manifest["last_alias_files"] = [_alias(f, name, last_name) for f in files]
+        write_manifest(directory, manifest)
+    except BaseException:
+        undo()
+        raise
+    if last_name is not None:
+        for fname in files:
+            _link_atomic(directory / fname, directory / _alias(fname, name, last_name))
+    # only now, with the new checkpoint listed, delete what it replaces
+    for fname in [*doomed, *([trash.name] if trash is not None else [])]:
+        path = directory / fname
+        try:
+            if path.is_dir() and not path.is_symlink():  # a sharded checkpoint
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # the new checkpoint is durable and listed: not a failed save
+            log.warning("hookloop.checkpoint: cannot delete %s, replaced by %s: %s; it is "
+                        "deleted at the next fit start", directory / fname, entry["primary"], exc)
+    if doomed or trash is not None:
+        with contextlib.suppress(OSError):
+            fsync_dir(directory)
 
 
 def _link_atomic(src: Path, dst: Path) -> None:
@@ -155,6 +217,14 @@ def _signum(sig: int | str | signal.Signals) -> int:
 class Checkpoint:
     """Crash-safe checkpoints of the whole loop state, best-k selection, async saving,
     preemption handling and resume.
+
+    When the loop's model is sharded with FSDP2 (``loop.sharded``: ``fully_shard``), a
+    checkpoint is a directory ``<name>/``: every rank writes its shards of the model and
+    optimizer state into it with ``torch.distributed.checkpoint`` (``async_save`` uses
+    ``dcp.async_save``), rank 0 adds the rest of the loop state as ``loop.pt``, renames
+    the directory into place and lists it in the manifest. Policy, naming, best-k,
+    retention and ``resume`` work as for files; ``format="safetensors"``,
+    ``save_model``, ``weights_only`` and ``last_name`` are refused for sharded models.
 
     :param dirpath: directory of the checkpoints and of their manifest
         (``checkpoints.json``), created if needed.
@@ -196,12 +266,17 @@ class Checkpoint:
         are raised at the next save or at the end of fit; fit returns only once the
         last write is durable. The copy goes into a staging buffer kept across saves
         (one extra copy of the state in host memory, pinned when the state is on CUDA),
-        released at ``loop.close()`` or when ``async_save`` is turned off.
+        released at ``loop.close()`` or when ``async_save`` is turned off. For a sharded
+        model, DCP's own ``async_save`` stages the shards to CPU memory and writes them
+        on its thread, its collectives on a gloo process group of their own (created at
+        the first such save, destroyed at ``loop.close()``); the staging buffer is not
+        used, and the checkpoint is listed once every rank's write is done.
     :param resume: ``"latest"`` resumes from the newest complete checkpoint in
         ``dirpath`` when there is one (a fresh start when the directory has none), or a
         path to resume from; supplied through ``on_resume`` at the start of the first
         fit of each loop, so everything is restored before any ``on_fit_start``. Same
-        effect as ``loop.fit(..., resume=load_checkpoint(...))``.
+        effect as ``loop.fit(..., resume=load_checkpoint(..., loop=loop))``. A path may
+        name the directory of one sharded checkpoint.
     :param signals: signals that trigger a save at the next optimizer-step boundary and
         a clean stop (preemption); the handlers installed before are called too and are
         restored at the end of fit. ``()`` disables. Add ``"SIGINT"`` to checkpoint on
@@ -327,6 +402,8 @@ class Checkpoint:
         self._deferred_step: int | None = None  # one waiting for a validation at that step
         self._job: _Job | None = None
         self._staging: StagingBuffer | None = None  # host copy of the state, async saves only
+        self._async_group: Any = None  # process group of async sharded saves (DCP's thread)
+        self._async_group_for: Any = None  # the default group it was made in
         self._resumed_for: Any = None  # weakref of the loop the resume was supplied to
         self._restored = False
         self._validated = False
@@ -366,10 +443,12 @@ class Checkpoint:
         self._finish_pending(loop, raise_errors=True)
 
     def save(self, loop: Loop, metrics: Mapping[str, float] | None = None) -> Path | None:
-        """Save a checkpoint now (every rank must call it under DDP; rank 0 writes).
+        """Save a checkpoint now (every rank must call it under DDP; rank 0 writes, or
+        every rank its shards for a sharded model).
 
-        Returns the path of the main file (already durable for a sync save), or
-        ``None`` when the retention policy would not keep this checkpoint.
+        Returns the path of the main file (of the directory, for a sharded model;
+        already durable for a sync save), or ``None`` when the retention policy would not
+        keep this checkpoint.
         """
         return self._save(loop, dict(metrics or {}))
 
@@ -408,6 +487,8 @@ class Checkpoint:
     @hookimpl(tryfirst=True)
     def on_fit_start(self, loop: Loop) -> None:
         """Prepare the directory, resume if asked, install the signal handlers."""
+        if loop.sharded:
+            self._check_sharded_options()
         if loop.state.is_global_zero:
             try:
                 self.dirpath.mkdir(parents=True, exist_ok=True)
@@ -451,6 +532,9 @@ class Checkpoint:
             _agree_on_resume(source, ckpt, error)
         if error is not None:
             raise error
+        if ckpt is not None and ckpt.get("sharded") and "model" not in ckpt:
+            # the ranks agreed on this sharded checkpoint: now the collective load
+            ckpt = load_shards(ckpt, loop)
         if ckpt is not None:
             info = ckpt.get("checkpoint", {})
             log.info("hookloop.checkpoint: resuming from %s (epoch %s, step %s)", info.get("path"),
@@ -459,9 +543,10 @@ class Checkpoint:
 
     def _find_resume(self, source: Path, loop: Loop) -> dict[str, Any] | None:
         """The checkpoint at ``source``; ``None`` for a fresh start (no checkpoint in
-        ``dirpath`` yet)."""
+        ``dirpath`` yet). A sharded checkpoint comes without its shards: loading them is
+        a collective, made once the ranks agreed on what they found."""
         try:
-            return load_checkpoint(source, loop.device)
+            return _load_any(source, loop.device, "latest", weights_ok=False, loop=loop, shards=False)
         except CheckpointNotFoundError:
             if source == self.dirpath and not (self.dirpath / "checkpoints.json").exists():
                 log.info("hookloop.checkpoint: no checkpoint in %s yet; starting fresh", self.dirpath)
@@ -473,6 +558,24 @@ class Checkpoint:
         """The restored state is a saved one: the end of fit does not save it again (a
         resumed finished run writes nothing)."""
         self._last_key = self._state_key(loop)
+
+    def _check_sharded_options(self) -> None:
+        """Refuse the options that write one file of the whole model: a sharded model's
+        checkpoint is a directory of shards written by every rank."""
+        refused = [text for on, text in (
+            (self.format != "torch", f"format={self.format!r}"),
+            (self.save_model, "save_model=True"),
+            (self.weights_only, "weights_only=True"),
+            (self.last_name is not None, f"last_name={self.last_name!r}"),
+        ) if on]
+        if refused:
+            raise ValueError(
+                f"Checkpoint({', '.join(refused)}) is not supported with a model sharded by "
+                f"fully_shard: its checkpoints are directories of shards that every rank writes "
+                f"with torch.distributed.checkpoint. Drop {'these options' if len(refused) > 1 else 'it'}; "
+                f"for one file of the full weights use torch.distributed.checkpoint.state_dict."
+                f"get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
+                f"cpu_offload=True)) on every rank")
 
     def _cleanup_replaced(self) -> None:
         """Delete the files a previous run replaced but was killed before deleting (the
@@ -486,7 +589,7 @@ class Checkpoint:
             return
         listed: set[str] = set()
         for e in disk.get("checkpoints", []):
-            listed |= set(e.get("files") or {e.get("primary"): None})
+            listed |= set(e.get("files") or {e.get("primary"): None}) | {e.get("primary")}
         alias = set(disk.get("last_alias_files") or [])
         freed, gone = 0, []
         for fname in disk.get("removing") or []:
@@ -495,8 +598,8 @@ class Checkpoint:
                 continue
             path = self.dirpath / fname
             try:
-                size = path.stat().st_size
-                path.unlink()
+                size = _size(path)
+                remove_path(path)
             except FileNotFoundError:
                 continue
             except OSError as exc:
@@ -505,18 +608,33 @@ class Checkpoint:
                 continue
             freed += size
             gone.append(fname)
-        if gone:
-            fsync_dir(self.dirpath)
-            log.warning("hookloop.checkpoint: deleted %d file(s) (%.1f MB) that a stopped run had replaced "
-                        "but not yet deleted: %s", len(gone), freed / 1e6, gone)
-        if self._warned_stray:
-            return
         own = listed | alias | {MANIFEST_NAME}
         for e in self._entries:
-            own |= set(e.get("files") or {e["primary"]: None})
+            own |= set(e.get("files") or {e["primary"]: None}) | {e["primary"]}
         try:
             names = os.listdir(self.dirpath)
         except OSError:
+            return
+        for fname in names:
+            # a sharded checkpoint renamed into place by a run stopped before it was listed:
+            # incomplete by the protocol (the manifest is the commit), removed like temporary files
+            path = self.dirpath / fname
+            if fname in own or _TMP_RE.match(fname) or not is_sharded_checkpoint(path):
+                continue
+            try:
+                size = _size(path)
+                remove_path(path)
+            except OSError as exc:
+                log.warning("hookloop.checkpoint: cannot delete %s, a sharded checkpoint that %s does "
+                            "not list: %s", path, MANIFEST_NAME, exc)
+                continue
+            freed += size
+            gone.append(fname)
+        if gone:
+            fsync_dir(self.dirpath)
+            log.warning("hookloop.checkpoint: deleted %d file(s) or folder(s) (%.1f MB) that a stopped "
+                        "run had replaced, or written but not listed: %s", len(gone), freed / 1e6, gone)
+        if self._warned_stray:
             return
         stray = sorted(n for n in names if n.endswith((".pt", ".safetensors")) and n not in own
                        and not _TMP_RE.match(n))
@@ -680,6 +798,12 @@ class Checkpoint:
         finally:
             self._staging = None  # no write reads it any more
             self._restore_signals()
+            group, self._async_group = self._async_group, None
+            if group is not None:
+                import torch.distributed as tdist
+
+                with contextlib.suppress(Exception):  # the default group may be gone already
+                    tdist.destroy_process_group(group)
 
     @hookimpl
     def on_exception(self, loop: Loop, exception: BaseException) -> None:
@@ -777,7 +901,7 @@ class Checkpoint:
         return name
 
     def _file_names(self, name: str) -> list[str]:
-        names = [f"{name}.pt"]
+        names = [name, f"{name}.pt"]  # a sharded checkpoint is the directory ``name``
         if self.format == "safetensors":
             names.append(f"{name}.safetensors")
         if self.save_model:
@@ -811,9 +935,12 @@ class Checkpoint:
         base = render_filename(self.filename, namespace)
         name = self._unique_name(base)
         seq = self._seq + 1
+        sharded = loop.sharded
+        if sharded:
+            self._check_sharded_options()
         entry: dict[str, Any] = {
             "name": name,
-            "primary": f"{name}.pt",
+            "primary": name if sharded else f"{name}.pt",
             "seq": seq,
             "epoch": state.epoch,
             "step": state.global_step,
@@ -825,6 +952,8 @@ class Checkpoint:
         }
         if self.weights_only:
             entry["weights_only"] = True
+        if sharded:
+            entry["sharded"] = True
         if reason is not None:
             entry["reason"] = reason
         before = list(self._entries)
@@ -847,7 +976,7 @@ class Checkpoint:
             # the name's owner is rotated out by this very save: take its name over instead
             # of a -v1 (top_k=1 with a fixed name never alternates name / name-v1)
             name = entry["name"] = base
-            entry["primary"] = f"{base}.pt"
+            entry["primary"] = base if sharded else f"{base}.pt"
         # a checkpoint of the same name (enable_version_counter=False) is replaced
         after = [e for e in after if e is entry or e["name"] != name]
         removed = [e for e in before if not any(e is k for k in after)]
@@ -880,7 +1009,9 @@ class Checkpoint:
             job = None
             if not self.async_save:
                 self._staging = None
-            if state.is_global_zero:
+            if sharded:  # every rank writes its shards
+                job = self._start_sharded(loop, ckpt, entry, before, removed, is_best, stat)
+            elif state.is_global_zero:
                 if self.async_save:
                     # the previous write, which read these buffers, is finished (waited
                     # for at the top of this method): they can be overwritten
@@ -919,6 +1050,89 @@ class Checkpoint:
                 h(loop, stat.path, dict(entry["metrics"]), is_best)
         return self.dirpath / entry["primary"]
 
+    def _start_sharded(self, loop: Loop, ckpt: dict[str, Any], entry: dict[str, Any],
+                       before: list[dict[str, Any]], removed: list[dict[str, Any]], is_best: bool,
+                       stat: SaveStat) -> _Job:
+        """Write a sharded checkpoint (see :mod:`hookloop_checkpoint._sharded`): every rank
+        its shards through torch.distributed.checkpoint, rank 0 the small state, the
+        rename and the manifest. A synchronous save is done when this returns; an async
+        one (``dcp.async_save``, which copies the shards to CPU memory first) finishes,
+        on every rank, at the next save or at the end of fit."""
+        import torch.distributed.checkpoint as dcp
+
+        name, owner = entry["name"], loop.state.is_global_zero
+        directory = self.dirpath
+        small, shards = split(ckpt)
+        tmp = directory / tmp_name(name, entry["seq"])
+        if owner and tmp.exists():
+            # left by a run killed in this very save; removed before DCP's first
+            # collective, so no rank has written into it yet
+            remove_path(tmp)
+        manifest = self._manifest_base() if owner else {}
+        state_info: dict[str, Any] | None = None
+        state_error: BaseException | None = None
+        if self.async_save:
+            future = dcp.async_save(shards, checkpoint_id=str(tmp), process_group=self._dcp_group())
+            if owner:  # now, while ``small`` is this step's state; the shards are DCP's copies
+                try:
+                    state_info = write_state(tmp, small)
+                except Exception as exc:  # raised with the save's result, on this rank only
+                    state_error = exc
+            wait: Callable[[], Any] = future.result
+        else:
+            def wait() -> None:
+                dcp.save(shards, checkpoint_id=str(tmp))
+
+        def write() -> dict[str, Any]:
+            files: dict[str, Any] = {}
+            replaced: Path | None = None
+            final = directory / name
+
+            def undo() -> None:  # listed nowhere: remove, and give a replaced one its name back
+                with contextlib.suppress(OSError):
+                    remove_path(final)
+                if replaced is not None:
+                    with contextlib.suppress(OSError):
+                        os.replace(replaced, final)
+
+            try:
+                wait()  # returns once every rank's shards and DCP's index are written
+                if not owner:
+                    return files
+                if state_error is not None:
+                    raise state_error
+                info = state_info if state_info is not None else write_state(tmp, small)
+                files, replaced = finalize(directory, name, tmp, info)
+            except BaseException:
+                if owner and tmp.exists():
+                    with contextlib.suppress(OSError):
+                        remove_path(tmp)
+                raise
+            _publish(directory, entry, files, manifest, removed, None, undo, replaced)
+            return files
+
+        job = _Job(write, entry, before, is_best, entry["metrics"], stat, removed)
+        job.owner = owner
+        if self.async_save:
+            self._job = job  # waited for (job.run) at the next save or at the end of fit
+        else:
+            job.run()
+        return job
+
+    def _dcp_group(self) -> Any:
+        """The process group of async sharded saves, created at the first one: DCP runs
+        their collectives on a background thread, which must never interleave with the
+        training's collectives on the default group. ``None`` without a process group."""
+        import torch.distributed as tdist
+
+        if not (tdist.is_available() and tdist.is_initialized()):
+            return None
+        world = tdist.group.WORLD
+        if self._async_group is None or self._async_group_for is not world:
+            self._async_group = tdist.new_group(backend="gloo")
+            self._async_group_for = world  # a process group made anew needs a new side group
+        return self._async_group
+
     def _manifest_base(self) -> dict[str, Any]:
         return {
             "format": MANIFEST_FORMAT,
@@ -938,6 +1152,12 @@ class Checkpoint:
 
         def write() -> dict[str, Any]:
             files: dict[str, Any] = {}
+
+            def undo() -> None:
+                for fname in files:  # complete but never listed: remove
+                    with contextlib.suppress(OSError):
+                        os.unlink(directory / fname)
+
             try:
                 state = ckpt
                 if fmt == "safetensors":
@@ -958,38 +1178,10 @@ class Checkpoint:
                     fname = f"{name}.model.pt"
                     size, digest = atomic_write(directory / fname, lambda f: torch.save(model_obj, f))
                     files[fname] = {"size": size, "sha256": digest}
-                done = {**entry, "files": files}
-                manifest["checkpoints"] = [done if e["seq"] == entry["seq"] else e
-                                           for e in manifest["checkpoints"]]
-                manifest["last"] = done["primary"]
-                doomed = sorted({f for old in removed for f in (old.get("files") or {old["primary"]: None})}
-                                - set(files))
-                # listed before the deletion: a run killed in between deletes them at its next start
-                manifest["removing"] = doomed
-                if last_name is not None:
-                    manifest["last_alias"] = f"{last_name}.pt"
-                    manifest["last_alias_files"] = [_alias(f, name, last_name) for f in files]
-                write_manifest(directory, manifest)
             except BaseException:
-                for fname in files:  # complete but never listed: remove
-                    with contextlib.suppress(OSError):
-                        os.unlink(directory / fname)
+                undo()
                 raise
-            if last_name is not None:
-                for fname in files:
-                    _link_atomic(directory / fname, directory / _alias(fname, name, last_name))
-            # only now, with the new checkpoint listed, delete what it replaces
-            for fname in doomed:
-                try:
-                    os.unlink(directory / fname)
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:  # the new checkpoint is durable and listed: not a failed save
-                    log.warning("hookloop.checkpoint: cannot delete %s, replaced by %s: %s; it is "
-                                "deleted at the next fit start", directory / fname, entry["primary"], exc)
-            if doomed:
-                with contextlib.suppress(OSError):
-                    fsync_dir(directory)
+            _publish(directory, entry, files, manifest, removed, last_name, undo)
             return files
 
         return write
@@ -998,8 +1190,10 @@ class Checkpoint:
         job, self._job = self._job, None
         remote, self._remote = self._remote, None
         if job is not None:
-            assert job.thread is not None
-            job.thread.join()
+            if job.thread is not None:
+                job.thread.join()
+            else:  # an async sharded save: wait for DCP's write; rank 0 then lists it
+                job.run()
         if remote is not None and loop is not None and sync_ranks:
             # every rank marked the same async save: after this barrier rank 0's write is
             # finished, so the other ranks can announce it too
@@ -1025,6 +1219,11 @@ class Checkpoint:
             errno = getattr(job.error, "errno", None)
             err = CheckpointWriteError(errno, msg) if errno is not None else CheckpointWriteError(msg)
             raise err from job.error
+        if not job.owner:  # wrote its shards of a sharded checkpoint; rank 0 listed it
+            h = loop.callers.on_checkpoint_saved if loop is not None else None
+            if h is not None:
+                h(loop, job.stat.path, dict(job.metrics), job.is_best)
+            return
         assert job.files is not None
         for e in self._entries:
             if e["seq"] == job.entry["seq"]:
