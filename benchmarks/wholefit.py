@@ -22,6 +22,7 @@ import importlib.util
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,19 @@ def _sdks() -> list[str]:
     """The tracker SDKs installed (import names)."""
     return [m for n, m in SDKS.items() if importlib.util.find_spec(m.split(".")[0]) is not None
             and (n != "tensorboard" or importlib.util.find_spec("tensorboard") is not None)]
+
+
+class _Batches:
+    """The batch list as one iterable: Lightning reads a plain list as a list of loaders."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Any:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def lightning_comparable(ctx: Any, data: Any, epochs: int) -> None:
@@ -87,7 +101,7 @@ def lightning_comparable(ctx: Any, data: Any, epochs: int) -> None:
                         callbacks=[ModelCheckpoint(dirpath=str(folder / "ckpt")),
                                    EarlyStopping("train/loss", patience=10**6,
                                                  check_on_train_epoch_end=True)])
-    trainer.fit(Lit(w.model()), train_dataloaders=data)
+    trainer.fit(Lit(w.model()), train_dataloaders=_Batches(data))
     if "wandb" in sdks:
         import wandb
 
@@ -189,7 +203,7 @@ def run(device: torch.device, quick: bool, root: Path, stack: benchlib.FullStack
                 benchlib.sync(device)
             except Exception as exc:
                 errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                log(f"wholefit: {name} failed: {errors[name]}")
+                log(f"wholefit: {name} failed: {errors[name]}\n{traceback.format_exc(limit=-4)}")
                 continue
             walls[name].append(time.perf_counter() - t0)
             stmt = _import_stmt(name, stack)
