@@ -153,6 +153,9 @@ class MLflow(Tracker):
     tracker_name = "mlflow"
     hookloop_name = "mlflow"
     removes_artifacts = True
+    default_backend = "process"
+    backend_exports = ("run_id", "experiment_id")
+    parent_only = Tracker.parent_only | {"_pending", "_marks"}
 
     def __init__(
         self,
@@ -216,7 +219,7 @@ class MLflow(Tracker):
         if self._holding:  # a checkpoint is being taken: what is held so far goes in it
             self._marks.append(self._held_seq)
         return {"run_id": self.run_id, "run_key": self.run_key, "tracking_uri": uri,
-                "experiment": self.experiment}
+                "experiment": self.experiment, "backend": self.backend_identity}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue the run saved by :meth:`state_dict` at the next fit start."""
@@ -226,6 +229,8 @@ class MLflow(Tracker):
             self._resume_key = str(state["run_key"])
         if self.tracking_uri is None and state.get("tracking_uri"):
             self.tracking_uri = str(state["tracking_uri"])
+        backend = state.get("backend")
+        self._previous_backend = dict(backend) if isinstance(backend, Mapping) else None
 
     # ------------------------------------------------------------ hooks
 
@@ -298,6 +303,10 @@ class MLflow(Tracker):
         super().on_exception()
 
     # ------------------------------------------------------------ backend
+
+    def _backend_refresh(self) -> dict[str, Any]:
+        """The counts of the summary and the status a KeyboardInterrupt chose."""
+        return {**super()._backend_refresh(), "_status_override": self._status_override}
 
     def _require_run(self) -> tuple[Any, str]:
         if self._client is None or self.run_id is None:

@@ -110,6 +110,8 @@ class WandB(Tracker):
 
     tracker_name = "wandb"
     hookloop_name = "wandb"
+    default_backend = "process"
+    backend_exports = ("run_id", "run_dir")
 
     def __init__(
         self,
@@ -177,7 +179,8 @@ class WandB(Tracker):
     def state_dict(self) -> dict[str, Any]:
         """The run id (and where it lives), saved in loop checkpoints so that a resume
         continues the same run."""
-        return {"run_id": self.run_id, "project": self.project, "entity": self.entity}
+        return {"run_id": self.run_id, "project": self.project, "entity": self.entity,
+                "backend": self.backend_identity}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue the run saved by :meth:`state_dict` at the next fit start."""
@@ -187,6 +190,8 @@ class WandB(Tracker):
         for key in ("project", "entity"):
             if getattr(self, key) is None and state.get(key):
                 setattr(self, key, state[key])
+        backend = state.get("backend")
+        self._previous_backend = dict(backend) if isinstance(backend, Mapping) else None
 
     # ------------------------------------------------------------ hooks
 
