@@ -219,6 +219,9 @@ class Tracker:
         on the worker thread; checkpoints carry it so that a resume waits for a killed
         process's backend to finish its run first."""
         self._previous_backend: dict[str, Any] | None = None
+        self.fit_start_time: float | None = None
+        """Training-thread wall time (``time.time()``) the last fit started at: the start
+        time backends give the run."""
         self.record_time: float = time.time()
         """Training-thread wall time (``time.time()``) of the record the worker is
         writing: backends stamp values with it (worker thread only)."""
@@ -405,6 +408,7 @@ class Tracker:
         self._queue = q
         self._uploaded = set()
         at = float(loop_info.get("time") or time.time())
+        self.fit_start_time = at
         loop_info = {**loop_info, "previous_backend": self._previous_backend}
         self._previous_backend = None
         self._open_channel(gen, loop_info, at)

@@ -272,6 +272,26 @@ def test_timestamps_are_training_times_and_argv_is_masked(
     assert wandb_env.grep_secrets() == []
 
 
+def test_the_run_starts_when_the_fit_started(wandb_env: Any) -> None:
+    from datetime import datetime
+
+    from hookloop.testing import HookRecorder
+
+    rec = HookRecorder(["on_log"])
+    tracker = WandB(project="hookloop-tests")
+    tiny_loop([rec, tracker]).fit(max_epochs=1)
+    run = read_offline_run(tracker.run_dir, wait=30)
+    record = next(r["run"] for r in run.records if r["type"] == "run")
+    started = datetime.fromisoformat(record["start_time"].replace("Z", "+00:00")).timestamp()
+    # the fit's start on the training thread, to the microsecond: not when wandb.init
+    # ran in the backend, seconds later, which the environment record keeps
+    assert tracker.fit_start_time is not None
+    assert started == pytest.approx(tracker.fit_start_time, abs=2e-6)
+    assert started <= min(c.kwargs["time"] for c in rec.of("on_log"))
+    env = next(r["environment"] for r in run.records if r["type"] == "environment")
+    assert datetime.fromisoformat(env["started_at"].replace("Z", "+00:00")).timestamp() > started
+
+
 def test_watch_and_epoch_histograms_both_reach_wandb(wandb_env: Any) -> None:
     tracker = WandB(project="hookloop-tests", watch="parameters", watch_log_freq=4,
                     histogram_every_n_epochs=1)
@@ -280,3 +300,4 @@ def test_watch_and_epoch_histograms_both_reach_wandb(wandb_env: Any) -> None:
     # gradients at each epoch's first optimizer step (global steps 0 and 8)
     assert {s for s, row in rows.items() if "grads/0.weight._type" in row} == {0, 8}
     assert {s for s, row in rows.items() if "parameters/0.weight._type" in row} == {4, 8, 12, 16}
+
