@@ -10,8 +10,11 @@ sends every later call and waits for its reply (blocked in a system call, withou
 GIL). In the host, every channel is served by a thread of its own, on a copy of the
 tracker rebuilt from that configuration.
 
-- The host runs at a lower CPU priority (``nice`` 10) in a session of its own, so it
-  takes neither cores nor terminal signals from the training process.
+- The host runs at the lowest CPU priority (``nice`` 19, or ``HOOKLOOP_TRACKER_NICE``;
+  on Linux its session's scheduling group and those of the processes it starts too)
+  in a session of its own, so it yields cores to the training process and gets no
+  terminal signals. On cores kept busy by other work it is slow to write, not the
+  training.
 - The host serves what a channel holds to its end: when the training process dies
   (SIGKILL) after the fit started, the host still performs the calls already sent,
   ``open`` included, then closes the run with status ``"killed"``, and exits within
@@ -52,14 +55,32 @@ log = logging.getLogger("hookloop.tracking")
 
 LINGER_S = 10.0
 """Seconds an idle host waits for the next fit before it exits."""
-_NICE = 10
+_NICE = 19
 _SNDBUF = 4 << 20
 _BOOT = (
     "import json, os, sys\n"
+    "nice = int(sys.argv[2])\n"
+    "try:\n"
+    "    os.nice(nice)\n"
+    # a session of its own is a scheduling group of its own where Linux groups sessions
+    # (autogroup): the group's weight, not the process's nice, sets its share against the
+    # training process's group; lowered too, before the imports
+    "    with open('/proc/self/autogroup', 'w') as fh:\n"
+    "        fh.write(str(nice))\n"
+    "except (OSError, AttributeError):\n"
+    "    pass\n"
     "sys.path[:] = json.loads(os.environ.pop('HOOKLOOP_TRACKER_HOST_PATH'))\n"
     "from hookloop._tracker_host import serve_host\n"
     "serve_host(int(sys.argv[1]))\n"
 )
+
+
+def _nice() -> int:
+    """The host's niceness: ``HOOKLOOP_TRACKER_NICE`` (0-19), else 19."""
+    try:
+        return max(0, min(19, int(os.environ.get("HOOKLOOP_TRACKER_NICE", _NICE))))
+    except ValueError:
+        return _NICE
 
 
 class RemoteError(Exception):
@@ -148,7 +169,7 @@ class _Host:
         env = {**os.environ, "HOOKLOOP_TRACKER_HOST_PATH": json.dumps(sys.path)}
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOT, str(child.fileno())],
+                [sys.executable, "-c", _BOOT, str(child.fileno()), str(_nice())],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True,
             )
@@ -369,6 +390,36 @@ if hasattr(os, "register_at_fork"):
 # ----------------------------------------------------------------------------- host side
 
 
+def _lower_children(done: set[str]) -> None:
+    """Give the processes this host started (an SDK's service, such as W&B's) the host's
+    low priority: they inherit its nice value, but one that starts a session of its own
+    gets a scheduling group of its own at full weight (Linux autogroup). ``done``: pids
+    already seen."""
+    me = str(os.getpid())
+    nice = str(os.getpriority(os.PRIO_PROCESS, 0)) if hasattr(os, "getpriority") else None
+    if nice is None or not os.path.isdir("/proc"):
+        return
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or entry in done:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                ppid = fh.read().rsplit(")", 1)[1].split()[1]
+            if ppid == me:
+                done.add(entry)
+                with open(f"/proc/{entry}/autogroup", "w", encoding="ascii") as fh:
+                    fh.write(nice)
+        except (OSError, IndexError):
+            continue
+
+
+def _watch_children() -> None:
+    done: set[str] = set()
+    while True:
+        _lower_children(done)
+        time.sleep(0.5)
+
+
 _context_lock = threading.Lock()
 
 
@@ -522,11 +573,11 @@ def _serve_channel(served: _Served) -> None:
 def serve_host(ctrl_fd: int) -> None:
     """The host process's main loop: a thread per channel received on ``ctrl_fd``;
     when the control socket ends, finish the channels and exit."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.nice(_NICE)
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the training process closes the runs
     ctrl = socket.socket(fileno=ctrl_fd)
+    if os.path.exists("/proc/self/autogroup"):
+        threading.Thread(target=_watch_children, name="hookloop-tracker-children", daemon=True).start()
     threads: list[threading.Thread] = []
     served: list[_Served] = []
     while True:
