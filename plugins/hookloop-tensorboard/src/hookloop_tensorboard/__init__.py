@@ -3,11 +3,12 @@
 Register it by name (``plugins=["tensorboard"]`` or ``[("tensorboard", {"log_dir":
 "runs/exp1"})]``) or as an object (``plugins=[TensorBoard("runs/exp1")]``).
 
-Everything the :class:`hookloop.tracking.Tracker` base guarantees holds: writes happen on
-a worker thread behind a bounded queue, a failing backend degrades with one warning and
-never stops training, secrets are masked before they reach the writer, and only rank
-zero writes. The TensorBoard SDK is imported lazily, on the worker thread, when a fit
-starts; the core never imports it.
+Everything the :class:`hookloop.tracking.Tracker` base guarantees holds: writes are
+handed, through a bounded queue and a worker thread, to the trackers' backend process
+(``backend="thread"``: the worker thread writes), a failing backend degrades with one
+warning and never stops training, secrets are masked before they reach the writer, and
+only rank zero writes. The TensorBoard SDK is imported lazily, where the writes happen,
+when a fit starts; the core never imports it.
 """
 
 from __future__ import annotations
@@ -230,7 +231,7 @@ class TensorBoard(Tracker):
         self._graph_hook: Any = None
         self._graph_model: torch.nn.Module | None = None
 
-    # ------------------------------------------------------------ backend (worker thread)
+    # ------------------------------------------------------------ backend (worker thread or process)
 
     @property
     def writer(self) -> Any:

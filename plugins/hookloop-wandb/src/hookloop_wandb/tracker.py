@@ -109,10 +109,17 @@ class WandB(Tracker):
     the newest best checkpoint, so a version the checkpoint plugin rotated away locally
     loses it.
 
-    The run id is part of the plugin's checkpoint state: resuming a fit from a
-    checkpoint continues the same run (``resume="allow"``), and records at steps the
-    resumed run already holds are dropped and counted instead of making W&B warn about
-    steps that go back.
+    The run id is chosen on the training thread at fit start and is part of the
+    plugin's checkpoint state: resuming a fit from a checkpoint continues the same run
+    (``resume="allow"``), and records at steps the resumed run already holds are dropped
+    and counted instead of making W&B warn about steps that go back.
+
+    W&B runs in the trackers' backend process (``backend="process"``, see
+    :class:`hookloop.tracking.Tracker`), which gets the training process's environment,
+    working directory, ``sys.argv`` and main file, so the run records the training
+    script, not the backend. A training process killed after the fit started leaves a
+    run: the backend process starts it if it had not yet, writes what it was sent and
+    finishes the run with exit code 1.
 
     :param project: W&B project (default: ``WANDB_PROJECT``, else ``"hookloop"``).
     :param entity: team or user (default: the account's default).
@@ -142,7 +149,8 @@ class WandB(Tracker):
     :param init_kwargs: any other ``wandb.init`` arguments.
     :param tracker_options: options of :class:`hookloop.tracking.Tracker`
         (``log_hparams``, ``histogram_every_n_epochs``, ``queue_size``,
-        ``max_failures``, ``spool_dir``, ``close_timeout``).
+        ``max_failures``, ``spool_dir``, ``close_timeout``, ``metrics_interval``,
+        ``held_size``, ``backend``).
     """
 
     tracker_name = "wandb"
@@ -234,7 +242,7 @@ class WandB(Tracker):
 
     @hookimpl
     def on_fit_start(self, loop: Any) -> None:
-        """Choose the run id (resumed, given or new), then open the run on the worker."""
+        """Choose the run id (resumed, given or new), then open the run in the backend."""
         self._resuming = self._resume_id is not None
         self.run_id = self._resume_id or self._fixed_id or _new_run_id()
         self._resume_id = None
