@@ -342,10 +342,13 @@ class Tracker:
         payload = self._backend_payload()
         if payload is None:
             return
+        channel = None
         try:
             channel = _tracker_host.open_channel(payload)
             channel.send(("call", "open", (loop_info,), at, None))
         except Exception as exc:
+            if channel is not None:
+                channel.close()
             log.info("hookloop tracker %r: the backend process did not start (%s: %s); its "
                      "backend runs on the worker thread", self.tracker_name, type(exc).__name__, exc)
             return

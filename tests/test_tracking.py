@@ -546,3 +546,43 @@ def test_a_run_killed_before_its_first_step_is_still_opened(tmp_path: Path) -> N
     calls = _killed(tmp_path, at_step=0, sleep_open=1.0)
     assert [c["kind"] for c in calls] == ["open", "close"]
     assert calls[-1]["args"] == ["killed"]
+
+
+def test_a_forked_child_does_not_keep_the_backend_process_alive(tmp_path: Path) -> None:
+    # a DataLoader worker forked during the fit gets copies of every descriptor; those
+    # of the backend process's sockets are closed in it, or the backend process would
+    # not see the fit's channels end, nor the training process go
+    import multiprocessing
+    import time
+
+    from hookloop import _tracker_host
+    from hookloop.testing.trackers import CallLogTracker, read_call_log
+
+    children = []
+
+    class Fork:
+        def on_train_batch_end(self, loop):
+            if loop.state.global_step == 2:
+                child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+                child.start()
+                children.append(child)
+
+    t = CallLogTracker(tmp_path / "calls.jsonl", backend="process")
+    loop = tiny_loop([Fork(), t])
+    try:
+        loop.fit(max_steps=4)
+        loop.close()
+        identity = t.backend_identity
+        assert identity is not None and children and children[0].is_alive()
+        _tracker_host.shutdown()
+        # the training process lives, so wait_for_exit would not wait: poll the pid
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _tracker_host._alive(identity):
+            time.sleep(0.1)
+        assert not _tracker_host._alive(identity), "the backend process outlived its channels"
+        assert children[0].is_alive()
+        assert read_call_log(tmp_path / "calls.jsonl")[-1]["args"] == ["success"]
+    finally:
+        for child in children:
+            child.kill()
+            child.join()
