@@ -87,11 +87,14 @@ class RemoteError(Exception):
     """A backend call that raised in the host: the exception's type name, message and
     traceback (as text)."""
 
-    def __init__(self, type_name: str, text: str, tb: str = "") -> None:
+    def __init__(self, type_name: str, text: str, tb: str = "",
+                 exports: dict[str, Any] | None = None) -> None:
         super().__init__(f"{type_name}: {text}")
         self.type_name = type_name
         self.text = text
         self.traceback = tb
+        self.exports = exports or {}
+        """Attributes the failed call had set before it raised (a run id)."""
 
 
 class BackendGone(RemoteError):
@@ -214,11 +217,10 @@ class Channel:
         self._host = host
         self.identity = host.identity
         self.ready = False  # the host rebuilt the tracker
-        self.pending = 0  # messages sent whose reply was not read yet
         _channels.add(self)
 
     def send(self, message: tuple[Any, ...]) -> None:
-        """Send ``message``; counts a reply to read."""
+        """Send ``message`` (the host replies to each, in order)."""
         conn = self._conn
         if conn is None:
             raise BackendGone("BackendGone", "the channel to the tracker backend process is closed")
@@ -227,7 +229,6 @@ class Channel:
             conn.send_bytes(data)
         except (OSError, ValueError) as exc:
             raise self._gone(exc) from exc
-        self.pending += 1
 
     def reply(self) -> tuple[Any, ...]:
         """The next reply (blocks, without the GIL, until it comes)."""
@@ -238,7 +239,6 @@ class Channel:
             data = conn.recv_bytes()
         except (EOFError, OSError) as exc:
             raise self._gone(exc) from exc
-        self.pending -= 1
         return pickle.loads(data)  # type: ignore[no-any-return]
 
     def call(self, kind: str, args: tuple[Any, ...], at: float, refresh: dict[str, Any] | None,
@@ -264,9 +264,7 @@ class Channel:
             raise exc
         if out[0] == "unloadable":
             raise Unloadable("Unloadable", out[1])
-        err = RemoteError(out[1], out[2], out[3])
-        err.exports = out[4]  # type: ignore[attr-defined]
-        raise err
+        raise RemoteError(out[1], out[2], out[3], out[4])
 
     def _gone(self, exc: BaseException) -> BackendGone:
         code = self._host.proc.poll()
@@ -421,17 +419,22 @@ def _watch_children() -> None:
 
 
 _context_lock = threading.Lock()
+_applied_env: set[str] = set()
 
 
 def _apply_context(context: dict[str, Any]) -> None:
     """Make this process look like the training process to SDKs that record where a
-    run comes from: its environment, working directory, ``sys.argv`` and main file."""
+    run comes from: its environment (a variable a previous channel brought and the
+    training process no longer has is removed; what SDKs set here stays), working
+    directory, ``sys.argv`` and main file."""
     with _context_lock:
         env = context.get("environ")
         if env is not None:
-            for key in [k for k in os.environ if k not in env]:
-                del os.environ[key]
+            for key in _applied_env - env.keys():
+                os.environ.pop(key, None)
             os.environ.update(env)
+            _applied_env.clear()
+            _applied_env.update(env)
         cwd = context.get("cwd")
         if cwd:
             with contextlib.suppress(OSError):

@@ -573,18 +573,17 @@ class Tracker:
             if gen == self._generation:
                 self.dropped[str(exc) or name] += n
         except Exception as exc:
-            remote = isinstance(exc, _tracker_host.RemoteError)
-            tb = exc.traceback if remote else traceback.format_exc()  # type: ignore[attr-defined]
-            if remote:
+            if isinstance(exc, _tracker_host.RemoteError):  # raised in the backend process
+                tb, what = exc.traceback, (exc.type_name, exc.text)
                 log.debug("hookloop tracker %r: %s failed in the backend process\n%s",
                           self.tracker_name, name, mask_text(tb))
             else:
+                tb, what = traceback.format_exc(), (type(exc).__name__, str(exc))
                 log.debug("hookloop tracker %r: %s failed", self.tracker_name, name, exc_info=True)
             if gen != self._generation:  # abandoned meanwhile: its summary is written
                 return
             self.failed[name] += n
             self._consecutive += 1
-            what = (exc.type_name, exc.text) if remote else (type(exc).__name__, str(exc))  # type: ignore[attr-defined]
             self.last_error = f"{what[0]}: {mask_text(what[1])}"
             self.last_traceback = mask_text(tb)
             if self._consecutive >= self.max_failures and self.state == "running":
