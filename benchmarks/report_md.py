@@ -137,9 +137,26 @@ def render(results: dict[str, Any], rel: str) -> str:
         if t.get("skipped"):
             lines.append(f"NOT RUN: {t['skipped']}.")
         else:
-            lines += _table(["window", "trackers over none %", "spread"],
-                            [[f"first {t['first_s']:g} s", t["first_pct"]["median"], _rng(t["first_pct"])],
-                             ["steady state", t["steady_pct"]["median"], _rng(t["steady_pct"])]])
+            rows = [[f"first {t['first_s']:g} s", t["first_pct"]["median"], _rng(t["first_pct"])],
+                    ["steady state", t["steady_pct"]["median"], _rng(t["steady_pct"])]]
+            if (t.get("thread_first_pct") or {}).get("median") is not None:
+                rows += [[f"first {t['first_s']:g} s, backend='thread'", t["thread_first_pct"]["median"],
+                          _rng(t["thread_first_pct"])],
+                         ["steady state, backend='thread'", t["thread_steady_pct"]["median"],
+                          _rng(t["thread_steady_pct"])]]
+            lines += _table(["window", "trackers over none %", "spread"], rows)
+            split = t.get("split") or {}
+            srows = []
+            labels = (("none", "no plugins"), ("trackers", "trackers"), ("thread", "backend='thread'"))
+            for name, label in labels:
+                for window, parts in (split.get(name) or {}).items():
+                    if parts:
+                        srows.append([f"{label}, {window}", *(parts[k]["median"] for k in
+                                                             ("wall_us", "cpu_us", "runq_us", "other_us"))])
+            if srows:
+                lines += ["", "Training thread's time per step (us, medians over rounds):", ""]
+                lines += _table(["contender, window", "wall", "on a CPU", "waiting for a CPU", "other waits"],
+                                srows)
             lines.append(f"\nTrackers: {', '.join(t['trackers'])}"
                          + (f"; missing: {', '.join(t['missing'])}" if t["missing"] else "") + ".")
     wf = results.get("wholefit")

@@ -265,11 +265,12 @@ hookloop_noop = _hookloop(lambda ctx: [NoopPlugin()])
 class TrackersReady:
     """Waits at fit start until every tracker has opened its run.
 
-    hookloop's trackers open their backend on a worker thread while training starts
-    (MLflow's SQLite store takes seconds of Python work, which competes with the
-    training thread for the GIL). Ignite's and Lightning's loggers open synchronously
-    before the first step. To compare per-step costs, the full-stack contender waits
-    here too; the start-up is in the "fit wall" column, not in the per-step figure."""
+    hookloop's trackers open their backend while training starts (in their backend
+    process, or on a worker thread with ``backend="thread"``, where MLflow's SQLite
+    store takes seconds of Python work that competes with the training thread for the
+    GIL). Ignite's and Lightning's loggers open synchronously before the first step.
+    To compare per-step costs, the full-stack contender waits here too; the start-up
+    is in the "fit wall" column, not in the per-step figure."""
 
     hookloop_name = "bench_trackers_ready"
 

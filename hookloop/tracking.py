@@ -19,9 +19,16 @@ a bounded queue, so a slow, failing or hanging backend never blocks or kills tra
 - one worker per fit: a worker that outlives ``close_timeout`` writes nothing more and
   only closes its own run (backend calls are serialised and checked against the fit's
   generation), so it never touches the next fit's run. Backend tracebacks are kept
-  (``last_traceback``) and logged at DEBUG.
+  (``last_traceback``) and logged at DEBUG;
+- with ``backend="process"`` the ``_backend_*`` calls run in a separate process
+  (:mod:`hookloop._tracker_host`), so the SDK's Python work (imports, stores, clients)
+  never holds the training process's GIL; everything above stays in the training
+  process. The configuration and the ``open`` call are handed to that process on the
+  training thread as the fit starts, so a training process killed right after still
+  leaves an opened run, closed with status ``"killed"``.
 
-Subclasses implement the ``_backend_*`` methods, which run on the worker thread only.
+Subclasses implement the ``_backend_*`` methods, which run on the worker thread (or in
+the backend process) only.
 Configuration values whose keys look like secrets, and values of secret environment
 variables, are masked before anything reaches a backend (:func:`mask_secrets`).
 """
@@ -31,8 +38,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import queue
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -45,6 +54,7 @@ from typing import Any
 
 import torch
 
+from hookloop import _tracker_host
 from hookloop.plugins import hookimpl
 from hookloop.tracker_util import (
     MASK,
@@ -73,6 +83,8 @@ __all__ = [
 log = logging.getLogger("hookloop.tracking")
 
 _STOP = object()
+BACKENDS = ("thread", "process")
+"""Where a tracker's ``_backend_*`` calls run: its worker thread, or a separate process."""
 
 
 class RecordDropped(Exception):
@@ -113,6 +125,13 @@ class Tracker:
         ``fit``, ``on_fit_start`` logging of plugins that run before the tracker, a
         model summary) that are held and delivered, in order, when the next run opens;
         beyond this bound they are dropped and counted in that run's summary.
+    :param backend: ``"thread"`` (the worker thread calls the backend) or
+        ``"process"`` (the worker thread hands each call to a separate process, which
+        keeps the SDK's Python work off the training process's GIL); default: the
+        environment variable ``HOOKLOOP_TRACKER_BACKEND``, else the class's
+        :attr:`default_backend`. A tracker whose class lives in ``__main__`` or in a
+        function, whose configuration does not pickle, or whose backend process does
+        not start, runs on its worker thread for that fit (logged at INFO).
     """
 
     hookloop_rank_zero_only = True
@@ -127,6 +146,17 @@ class Tracker:
     removes_artifacts = False
     """Whether ``_backend_artifact_removed`` deletes the artifact of a checkpoint the
     checkpoint plugin rotated away (``on_checkpoint_removed``)."""
+    default_backend = "thread"
+    """Where ``_backend_*`` calls run unless ``backend`` says otherwise."""
+    backend_exports: tuple[str, ...] = ()
+    """Attributes the ``_backend_*`` methods set that the training process reads (a run
+    id): with the process backend, their new values come back after every call."""
+    parent_only: frozenset[str] = frozenset({
+        "_queue", "_thread", "_backend_lock", "_held", "_held_dropped", "_uploaded",
+        "_close_status", "_channels", "_presented", "_staging", "on_before_optimizer_step",
+    })
+    """Attributes that stay in the training process (threads, queues, models): the
+    rest of the instance is the configuration the backend process rebuilds it from."""
 
     def __init__(
         self,
@@ -139,7 +169,10 @@ class Tracker:
         close_timeout: float = 30.0,
         metrics_interval: float = 0.0,
         held_size: int = 1000,
+        backend: str | None = None,
     ) -> None:
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}; expected one of {BACKENDS} or None")
         if histogram_every_n_epochs is not None and histogram_every_n_epochs <= 0:
             raise ValueError(f"histogram_every_n_epochs={histogram_every_n_epochs!r}; expected > 0")
         if queue_size <= 0 or max_failures <= 0:
@@ -156,6 +189,7 @@ class Tracker:
             raise ValueError(f"metrics_interval={metrics_interval!r}; expected >= 0")
         self.metrics_interval = float(metrics_interval)
         self.held_size = held_size
+        self.backend = backend
         if histogram_every_n_epochs:
             # gradients are cleared after every step: take them once per due epoch, just
             # before the first optimizer step. Defined per instance, so trackers without
@@ -176,6 +210,18 @@ class Tracker:
         self._backend_lock = threading.Lock()
         self._owner: int | None = None  # generation whose backend run is open
         self._close_status: dict[int, tuple[str, float]] = {}
+        # process backend: the channel of each fit (generation) whose worker runs, and
+        # the generations whose open call the training thread sent already
+        self._channels: dict[int, _tracker_host.Channel] = {}
+        self._presented: set[int] = set()
+        self.backend_identity: dict[str, Any] | None = None
+        """The backend process of the current fit (host name, pid, start), or ``None``
+        on the worker thread; checkpoints carry it so that a resume waits for a killed
+        process's backend to finish its run first."""
+        self._previous_backend: dict[str, Any] | None = None
+        self.fit_start_time: float | None = None
+        """Training-thread wall time (``time.time()``) the last fit started at: the start
+        time backends give the run."""
         self.record_time: float = time.time()
         """Training-thread wall time (``time.time()``) of the record the worker is
         writing: backends stamp values with it (worker thread only)."""
@@ -228,7 +274,130 @@ class Tracker:
 
     def _backend_close(self, status: str) -> None:
         """Finish the run with ``status`` ``"success"`` or ``"failed"`` (at
-        ``self.record_time``, the end of fit on the training thread)."""
+        ``self.record_time``, the end of fit on the training thread), or ``"killed"``:
+        the training process died and the backend process closes the run it left."""
+
+    # ------------------------------------------------------------ backend process
+
+    def backend_mode(self) -> str:
+        """``"thread"`` or ``"process"``: where the next fit's backend calls are meant
+        to run (``backend``, else ``HOOKLOOP_TRACKER_BACKEND``, else the class's
+        default)."""
+        mode = self.backend or os.environ.get("HOOKLOOP_TRACKER_BACKEND") or self.default_backend
+        return mode if mode in BACKENDS else self.default_backend
+
+    def _backend_payload(self) -> bytes | None:
+        """What the backend process rebuilds this tracker from (``None``: it cannot)."""
+        cls = type(self)
+        if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+            log.info("hookloop tracker %r: %s.%s cannot be imported by a backend process; its "
+                     "backend runs on the worker thread", self.tracker_name, cls.__module__,
+                     cls.__qualname__)
+            return None
+        import __main__
+
+        # the loop's own bookkeeping on its plugins (``_hookloop_*``) stays here too
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in self.parent_only and not k.startswith("_hookloop")}
+        context = {"environ": dict(os.environ), "cwd": os.getcwd(), "argv": list(sys.argv),
+                   "main_file": getattr(__main__, "__file__", None)}
+        try:
+            return pickle.dumps({"cls": cls, "state": state, "context": context})
+        except Exception as exc:
+            log.info("hookloop tracker %r: its configuration does not pickle (%s: %s); its backend "
+                     "runs on the worker thread", self.tracker_name, type(exc).__name__, exc)
+            return None
+
+    def _host_side(self) -> None:
+        """Called in the backend process on the rebuilt copy: the training-process
+        attributes get neutral values."""
+        self._backend_lock = threading.Lock()
+        self._queue = None
+        self._thread = None
+        self._held = deque()
+        self._held_dropped = Counter()
+        self._uploaded = set()
+        self._close_status = {}
+        self._channels = {}
+        self._presented = set()
+        self._staging = None
+
+    def _backend_refresh(self) -> dict[str, Any]:
+        """Training-process attributes sent along with the close call, which the
+        backend reads then (the counts of :meth:`summary`)."""
+        return {"recorded": self.recorded, "failed": self.failed, "dropped": self.dropped,
+                "spooled": self.spooled, "last_error": self.last_error, "state": self.state}
+
+    def _open_channel(self, gen: int, loop_info: dict[str, Any], at: float) -> None:
+        """Process backend: hand the configuration and the open call to the backend
+        process now, on the training thread (the messages wait in a socket; nothing
+        waits for the process)."""
+        self.backend_identity = None
+        if self.backend_mode() != "process":
+            return
+        if not _tracker_host.available():
+            log.info("hookloop tracker %r: no backend process on this platform; its backend runs "
+                     "on the worker thread", self.tracker_name)
+            return
+        payload = self._backend_payload()
+        if payload is None:
+            return
+        channel = None
+        try:
+            channel = _tracker_host.open_channel(payload)
+            channel.send(("call", "open", (loop_info,), at, None))
+        except Exception as exc:
+            if channel is not None:
+                channel.close()
+            log.info("hookloop tracker %r: the backend process did not start (%s: %s); its "
+                     "backend runs on the worker thread", self.tracker_name, type(exc).__name__, exc)
+            return
+        self._channels[gen] = channel
+        self._presented.add(gen)
+        self.backend_identity = channel.identity
+
+    def _end_channel(self, gen: int) -> None:
+        """The worker of ``gen`` is done: end its channel (the backend process closes
+        a run still open)."""
+        with self._backend_lock:
+            # kept, closed: a late close through it fails instead of running here
+            channel = self._channels.get(gen)
+            self._presented.discard(gen)
+            if channel is not None:
+                channel.close()
+
+    def _dispatch(self, kind: str, args: tuple[Any, ...], at: float, gen: int) -> None:
+        """``_backend_<kind>(*args)`` here or in the backend process (under the lock)."""
+        channel = self._channels.get(gen)
+        if channel is None:
+            if kind == "open" and args and isinstance(args[0], Mapping):
+                _tracker_host.wait_for_exit(args[0].get("previous_backend"), self.close_timeout + 10.0)
+            getattr(self, f"_backend_{kind}")(*args)
+            return
+        sent = kind == "open" and gen in self._presented
+        self._presented.discard(gen)
+        refresh = self._backend_refresh() if kind == "close" else None
+        try:
+            exports = channel.call(kind, args, at, refresh, sent=sent)
+        except (_tracker_host.Unloadable, _tracker_host.BackendGone) as exc:
+            if kind != "open" or channel.ready:
+                raise
+            # the backend process could not rebuild the tracker, or did not start
+            log.info("hookloop tracker %r: no backend process (%s); its backend runs on the "
+                     "worker thread", self.tracker_name, exc)
+            self._channels.pop(gen, None)
+            self.backend_identity = None
+            channel.close()
+            self._dispatch(kind, args, at, gen)
+            return
+        except (RecordDropped, _tracker_host.RemoteError) as exc:
+            self._apply_exports(getattr(exc, "exports", None) or {})
+            raise
+        self._apply_exports(exports)
+
+    def _apply_exports(self, exports: Mapping[str, Any]) -> None:
+        for name, value in exports.items():
+            setattr(self, name, value)
 
     # ------------------------------------------------------------ worker
 
@@ -241,11 +410,16 @@ class Tracker:
         q: queue.Queue[Any] = queue.Queue(self.queue_size)
         self._queue = q
         self._uploaded = set()
+        at = float(loop_info.get("time") or time.time())
+        self.fit_start_time = at
+        loop_info = {**loop_info, "previous_backend": self._previous_backend}
+        self._previous_backend = None
+        self._open_channel(gen, loop_info, at)
         self._thread = threading.Thread(
             target=self._work, args=(q, gen), name=f"hookloop-{self.tracker_name}", daemon=True
         )
         self._thread.start()
-        self._put("open", loop_info, at=float(loop_info.get("time") or time.time()))
+        self._put("open", loop_info, at=at)
         held, self._held = self._held, deque()
         self.dropped.update(self._held_dropped)
         self._held_dropped = Counter()
@@ -273,6 +447,12 @@ class Tracker:
             self.dropped[kind] += 1
 
     def _work(self, q: queue.Queue[Any], gen: int) -> None:
+        try:
+            self._work_loop(q, gen)
+        finally:
+            self._end_channel(gen)
+
+    def _work_loop(self, q: queue.Queue[Any], gen: int) -> None:
         batch: list[tuple[dict[str, float], int, float]] = []  # metrics held for one call
         last = time.monotonic()
         try:
@@ -343,7 +523,7 @@ class Tracker:
             status, at = self._close_status.get(gen, ("failed", time.time()))
             self.record_time = at
             try:
-                self._backend_close(status)
+                self._dispatch("close", (status,), at, gen)
                 log.info("hookloop tracker %r closed the run of an earlier fit late (%s)",
                          self.tracker_name, status)
             except Exception:
@@ -381,7 +561,7 @@ class Tracker:
                 self.record_time = at
                 try:
                     # a record of kind K is handled by _backend_K; subclasses may queue their own
-                    getattr(self, f"_backend_{kind}")(*args)
+                    self._dispatch(kind, args, at, gen)
                 finally:
                     if kind == "close":
                         self._owner = None
@@ -393,13 +573,19 @@ class Tracker:
             if gen == self._generation:
                 self.dropped[str(exc) or name] += n
         except Exception as exc:
-            log.debug("hookloop tracker %r: %s failed", self.tracker_name, name, exc_info=True)
+            if isinstance(exc, _tracker_host.RemoteError):  # raised in the backend process
+                tb, what = exc.traceback, (exc.type_name, exc.text)
+                log.debug("hookloop tracker %r: %s failed in the backend process\n%s",
+                          self.tracker_name, name, mask_text(tb))
+            else:
+                tb, what = traceback.format_exc(), (type(exc).__name__, str(exc))
+                log.debug("hookloop tracker %r: %s failed", self.tracker_name, name, exc_info=True)
             if gen != self._generation:  # abandoned meanwhile: its summary is written
                 return
             self.failed[name] += n
             self._consecutive += 1
-            self.last_error = f"{type(exc).__name__}: {mask_text(str(exc))}"
-            self.last_traceback = mask_text(traceback.format_exc())
+            self.last_error = f"{what[0]}: {mask_text(what[1])}"
+            self.last_traceback = mask_text(tb)
             if self._consecutive >= self.max_failures and self.state == "running":
                 self._degrade()
         else:
@@ -418,7 +604,7 @@ class Tracker:
         status, at = self._close_status.get(owner or 0, ("failed", time.time()))
         self.record_time = at
         try:
-            self._backend_close(status)
+            self._dispatch("close", (status,), at, owner or 0)
         except Exception:
             log.debug("hookloop tracker %r: late close failed", self.tracker_name, exc_info=True)
 

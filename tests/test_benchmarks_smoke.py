@@ -70,3 +70,24 @@ def test_the_ddp_agreement_benchmark_runs_under_torchrun(tmp_path: Path) -> None
                 str(BENCH / "ddp_agreement.py"), "--steps", "120", "--rounds", "1"], tmp_path)
     for line in ("no checkpoint plugin", "agree_every_n_steps=10", "one vote alone"):
         assert line in out, out
+
+
+@pytest.mark.slow  # starts the three trackers' backends a few times (about 60 s)
+def test_trackers_script_runs_with_the_trackers(tmp_path: Path) -> None:
+    """trackers.py with the bundled trackers, at its smoke size: every contender runs
+    and every figure is reported (none is judged here)."""
+    pytest.importorskip("hookloop_tensorboard")
+    stdout = _run([sys.executable, str(BENCH / "trackers.py"), "--quick", "--out", str(tmp_path / "o")],
+                  tmp_path, {"HOOKLOOP_BENCH_PLUGINS": "tensorboard,mlflow,wandb", "WANDB_MODE": "offline",
+                             "WANDB_SILENT": "true"})
+    data = json.loads((tmp_path / "o" / "trackers.json").read_text())
+    assert not data.get("skipped") and "tensorboard" in data["trackers"]
+    for key in ("first_pct", "steady_pct", "thread_first_pct", "thread_steady_pct"):
+        assert data[key]["n"] == 1, key
+    assert set(data["first_step_ms"]) == {"none", "trackers", "thread"}
+    assert "backend='thread'" in stdout and "targets:" in stdout
+    if "mlflow" in data["trackers"]:
+        assert data["mlflow_create_run"]["new_store_s"]["n"] == 1, data["mlflow_create_run"]
+    if os.path.exists("/proc/thread-self/schedstat"):
+        assert data["split"]["trackers"]["first"] is not None
+        assert "where the training thread's time per step goes" in stdout

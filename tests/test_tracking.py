@@ -404,3 +404,185 @@ def test_a_late_worker_never_touches_the_next_fits_run() -> None:
     assert t.records[2][0] == "open" and t.records[2][-1] is second
     assert [r[0] for r in t.records].count("open") == 2
     assert t.records[-1][:2] == ("close", "success") and t.state == "closed"
+
+
+# ----------------------------------------------------------------------------- process backend
+# CallLogTracker's backend writes every call it gets to a JSON-lines file, with the
+# process that made it: these tests read what reached the backend process.
+
+
+def test_process_backend_calls_run_in_another_process_with_training_times(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    from hookloop.testing import HookRecorder
+    from hookloop.testing.trackers import CallLogTracker, read_call_log
+
+    rec = HookRecorder(["on_log"])
+    t = CallLogTracker(tmp_path / "calls.jsonl", backend="process")
+    loop = tiny_loop([rec, t])
+    loop.fit(max_epochs=2)
+    calls = read_call_log(tmp_path / "calls.jsonl")
+    assert t.backend_mode() == "process" and t.backend_identity is not None
+    assert {c["pid"] for c in calls} == {t.backend_identity["pid"]} != {os.getpid()}
+    assert [c["kind"] for c in calls][:2] == ["open", "hparams"] and calls[-1]["kind"] == "close"
+    assert calls[-1]["args"] == ["success"] and t.state == "closed" and "dropped none" in t.report
+    # the backend saw this process's command line and folder, and the training times
+    assert calls[0]["argv"] == sys.argv and calls[0]["cwd"] == os.getcwd()
+    logged = [(c.kwargs["step"], c.kwargs["time"]) for c in rec.of("on_log")]
+    assert [(c["args"][1], c["time"]) for c in calls if c["kind"] == "metrics"] == logged
+    assert t.recorded["metrics"] == len(logged)
+
+
+def test_process_backend_failures_degrade_and_the_run_is_still_closed(tmp_path: Path) -> None:
+    from hookloop.testing.trackers import CallLogTracker, read_call_log
+
+    t = CallLogTracker(tmp_path / "calls.jsonl", fail={"metrics"}, drop={"text"}, backend="process")
+    loop = tiny_loop([t])
+    loop.log_text("note", "dropped on purpose")
+    with pytest.warns(RuntimeWarning, match="failed 3 times in a row"):
+        loop.fit(max_epochs=2)
+    assert t.state == "disabled" and t.failed["metrics"] == 3
+    assert t.dropped["text_skipped"] == 1 and "text" not in t.recorded
+    assert t.last_error == "ConnectionError: metrics: backend down"
+    assert t.last_traceback and "Traceback" in t.last_traceback and "_write" in t.last_traceback
+    calls = read_call_log(tmp_path / "calls.jsonl")
+    assert [c["kind"] for c in calls] == ["open", "hparams", "close"] and calls[-1]["args"] == ["success"]
+
+
+def test_process_backend_hang_is_bounded_and_the_late_close_comes(tmp_path: Path) -> None:
+    import time
+
+    from hookloop.testing.trackers import CallLogTracker, read_call_log
+
+    t = CallLogTracker(tmp_path / "calls.jsonl", sleep={"open": 3.0}, close_timeout=0.2,
+                       backend="process")
+    loop = tiny_loop([t])
+    with pytest.warns(RuntimeWarning, match="did not finish within 0.2s"):
+        loop.fit(max_epochs=2)
+    assert loop.state.global_step == 16 and t.dropped["pending"] > 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the late worker closes the run it opened
+        kinds = [c["kind"] for c in read_call_log(tmp_path / "calls.jsonl")]
+        if "close" in kinds:
+            break
+        time.sleep(0.1)
+    assert kinds == ["open", "close"]
+
+
+def test_a_tracker_the_backend_process_cannot_import_runs_on_its_worker_thread(tmp_path: Path) -> None:
+    import os
+
+    from hookloop.testing.trackers import CallLogTracker, read_call_log
+
+    class Local(CallLogTracker):  # defined in a function: no process can import it
+        pass
+
+    t = Local(tmp_path / "calls.jsonl", backend="process")
+    tiny_loop([t]).fit(max_steps=4)
+    calls = read_call_log(tmp_path / "calls.jsonl")
+    assert t.backend_identity is None and {c["pid"] for c in calls} == {os.getpid()}
+    assert calls[-1]["kind"] == "close" and t.state == "closed"
+    with pytest.raises(ValueError, match="backend='elsewhere'"):
+        CallLogTracker(tmp_path / "x", backend="elsewhere")
+
+
+KILLED_SCRIPT = """
+import os, signal, sys
+from hookloop.plugins import hookimpl
+from hookloop.testing import tiny_loop
+from hookloop.testing.trackers import CallLogTracker
+
+path, at_step, sleep_open = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+
+
+class Die:
+    @hookimpl
+    def on_train_batch_start(self, loop):
+        if loop.state.global_step == at_step:
+            if at_step:
+                loop.get_plugin("calllog").wait(60)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+tracker = CallLogTracker(path, sleep={"open": sleep_open}, backend="process")
+tiny_loop([Die(), tracker]).fit(max_epochs=2)
+"""
+
+
+def _killed(tmp_path: Path, at_step: int, sleep_open: float) -> list[dict]:
+    """Run KILLED_SCRIPT (SIGKILLed before step ``at_step``), then wait for its backend
+    process to close the run; returns the calls it wrote."""
+    import subprocess
+    import sys
+    import time
+
+    from hookloop.testing.trackers import read_call_log
+
+    script, path = tmp_path / "killed.py", tmp_path / "calls.jsonl"
+    script.write_text(KILLED_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(path), str(at_step), str(sleep_open)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    deadline = time.monotonic() + 60
+    calls = read_call_log(path)
+    while time.monotonic() < deadline and not any(c["kind"] == "close" for c in calls):
+        time.sleep(0.1)
+        calls = read_call_log(path)
+    return calls
+
+
+def test_a_killed_training_process_leaves_its_run_closed_as_killed(tmp_path: Path) -> None:
+    calls = _killed(tmp_path, at_step=6, sleep_open=0.0)
+    kinds = [c["kind"] for c in calls]
+    assert kinds[:2] == ["open", "hparams"] and kinds.count("metrics") == 1  # step 4
+    assert calls[-1]["kind"] == "close" and calls[-1]["args"] == ["killed"]
+
+
+def test_a_run_killed_before_its_first_step_is_still_opened(tmp_path: Path) -> None:
+    # killed before step 0, while the backend process still starts (and its open is
+    # slow): the open call, handed over on the training thread at fit start, is still
+    # made; what the worker thread had not sent yet (the hyperparameters) is lost
+    calls = _killed(tmp_path, at_step=0, sleep_open=1.0)
+    assert [c["kind"] for c in calls] == ["open", "close"]
+    assert calls[-1]["args"] == ["killed"]
+
+
+def test_a_forked_child_does_not_keep_the_backend_process_alive(tmp_path: Path) -> None:
+    # a DataLoader worker forked during the fit gets copies of every descriptor; those
+    # of the backend process's sockets are closed in it, or the backend process would
+    # not see the fit's channels end, nor the training process go
+    import multiprocessing
+    import time
+
+    from hookloop import _tracker_host
+    from hookloop.testing.trackers import CallLogTracker, read_call_log
+
+    children = []
+
+    class Fork:
+        def on_train_batch_end(self, loop):
+            if loop.state.global_step == 2:
+                child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+                child.start()
+                children.append(child)
+
+    t = CallLogTracker(tmp_path / "calls.jsonl", backend="process")
+    loop = tiny_loop([Fork(), t])
+    try:
+        loop.fit(max_steps=4)
+        loop.close()
+        identity = t.backend_identity
+        assert identity is not None and children and children[0].is_alive()
+        _tracker_host.shutdown()
+        # the training process lives, so wait_for_exit would not wait: poll the pid
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _tracker_host._alive(identity):
+            time.sleep(0.1)
+        assert not _tracker_host._alive(identity), "the backend process outlived its channels"
+        assert children[0].is_alive()
+        assert read_call_log(tmp_path / "calls.jsonl")[-1]["args"] == ["success"]
+    finally:
+        for child in children:
+            child.kill()
+            child.join()

@@ -461,3 +461,78 @@ def test_a_killed_run_resumed_has_one_point_per_step_with_the_resumed_values(
         # every step the resumed process logged holds its value
         assert {s: v for s, v in points if s in dict(resumed[key])} == pytest.approx(dict(resumed[key])), key
     assert [s for s, _ in history(client, run.info.run_id, "train/loss")] == [4, 8, 12, 16]
+
+
+KILLED_EARLY_SCRIPT = """
+import os, signal, sys
+import torch
+from hookloop.plugins import hookimpl
+from hookloop.testing import tiny_loop
+from hookloop_mlflow import MLflow
+
+url, experiment, ckpt, phase = sys.argv[1:5]
+
+
+class SaveThenDie:
+    # killed before the first step, with a checkpoint taken just before: the run is
+    # known by its key only (MLflow has not answered yet)
+    @hookimpl
+    def on_train_batch_start(self, loop):
+        if loop.state.global_step == 0:
+            torch.save(loop.state_dict(), ckpt)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+if phase == "crash":
+    tiny_loop([SaveThenDie(), MLflow(url, experiment=experiment)]).fit(max_epochs=2)
+else:
+    tracker = MLflow(url, experiment=experiment)
+    tiny_loop([tracker]).fit(max_epochs=2, resume=torch.load(ckpt, weights_only=True))
+    print("RUN", tracker.run_id, tracker.report)
+"""
+
+
+@pytest.mark.slow  # four subprocesses that import MLflow, against a server (about 60 s)
+def test_a_run_killed_before_its_first_step_exists_and_its_resume_continues_it(
+    mlflow_env: Any, mlflow_server: Any, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import time
+
+    script = tmp_path / "early.py"
+    script.write_text(KILLED_EARLY_SCRIPT)
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+
+    def run(experiment: str, phase: str) -> subprocess.CompletedProcess[str]:
+        ckpt = tmp_path / f"{experiment}.pt"
+        args = [sys.executable, str(script), mlflow_server.url, experiment, str(ckpt), phase]
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+
+    def runs(experiment: str) -> list[Any]:
+        found = client.get_experiment_by_name(experiment)
+        return [] if found is None else client.search_runs([found.experiment_id])
+
+    # killed before its first step: the run still comes to exist, closed as KILLED
+    alone = experiment_name()
+    crashed = run(alone, "crash")
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    state = torch.load(tmp_path / f"{alone}.pt", weights_only=True)["plugins"]["mlflow"]
+    assert state["run_id"] is None and state["run_key"] and state["backend"]["pid"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and [r.info.status for r in runs(alone)] != ["KILLED"]:
+        time.sleep(0.5)
+    (killed,) = runs(alone)
+    assert killed.info.status == "KILLED" and killed.data.tags["hookloop.run_key"] == state["run_key"]
+
+    # killed the same way and resumed at once, in a new process: the resume waits for
+    # the killed process's backend to create the run, and continues it
+    resumed_experiment = experiment_name()
+    assert run(resumed_experiment, "crash").returncode == -9
+    resumed = run(resumed_experiment, "resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (one,) = runs(resumed_experiment)
+    assert f"RUN {one.info.run_id}" in resumed.stdout and "dropped none" in resumed.stdout, resumed.stdout
+    assert one.info.status == "FINISHED"
+    assert [s for s, _ in history(client, one.info.run_id, "train/loss")] == [4, 8, 12, 16]

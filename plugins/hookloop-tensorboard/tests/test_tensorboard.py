@@ -460,8 +460,7 @@ class SaveThenDie:
     def on_train_batch_end(self, loop):
         if loop.state.global_step == 14:  # step 12 was logged after the checkpoint
             tracker = loop.get_plugin("tensorboard")
-            tracker.wait(60)
-            tracker.writer.flush()
+            tracker.wait(60)  # every record is flushed to the event file as it is written
             os.kill(os.getpid(), signal.SIGKILL)
 
 

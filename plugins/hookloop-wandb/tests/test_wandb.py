@@ -272,6 +272,26 @@ def test_timestamps_are_training_times_and_argv_is_masked(
     assert wandb_env.grep_secrets() == []
 
 
+def test_the_run_starts_when_the_fit_started(wandb_env: Any) -> None:
+    from datetime import datetime
+
+    from hookloop.testing import HookRecorder
+
+    rec = HookRecorder(["on_log"])
+    tracker = WandB(project="hookloop-tests")
+    tiny_loop([rec, tracker]).fit(max_epochs=1)
+    run = read_offline_run(tracker.run_dir, wait=30)
+    record = next(r["run"] for r in run.records if r["type"] == "run")
+    started = datetime.fromisoformat(record["start_time"].replace("Z", "+00:00")).timestamp()
+    # the fit's start on the training thread, to the microsecond: not when wandb.init
+    # ran in the backend, seconds later, which the environment record keeps
+    assert tracker.fit_start_time is not None
+    assert started == pytest.approx(tracker.fit_start_time, abs=2e-6)
+    assert started <= min(c.kwargs["time"] for c in rec.of("on_log"))
+    env = next(r["environment"] for r in run.records if r["type"] == "environment")
+    assert datetime.fromisoformat(env["started_at"].replace("Z", "+00:00")).timestamp() > started
+
+
 def test_watch_and_epoch_histograms_both_reach_wandb(wandb_env: Any) -> None:
     tracker = WandB(project="hookloop-tests", watch="parameters", watch_log_freq=4,
                     histogram_every_n_epochs=1)
@@ -280,3 +300,68 @@ def test_watch_and_epoch_histograms_both_reach_wandb(wandb_env: Any) -> None:
     # gradients at each epoch's first optimizer step (global steps 0 and 8)
     assert {s for s, row in rows.items() if "grads/0.weight._type" in row} == {0, 8}
     assert {s for s, row in rows.items() if "parameters/0.weight._type" in row} == {4, 8, 12, 16}
+
+
+KILL_SCRIPT = """
+import json, os, signal, sys
+from hookloop.plugins import hookimpl
+from hookloop.testing import HookRecorder, tiny_loop
+from hookloop_wandb import WandB
+
+ckpt, phase = sys.argv[1:3]
+
+
+class Die:
+    @hookimpl
+    def on_train_batch_end(self, loop):
+        if loop.state.global_step == 14:  # step 12 logged after the epoch-0 checkpoint
+            loop.get_plugin("wandb").wait(60)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+rec = HookRecorder(["on_log"])
+tracker = WandB(project="hookloop-tests")
+plugins = [("checkpoint", {"dirpath": ckpt, "verbose": False, "resume": "latest"}), tracker, rec]
+tiny_loop([Die(), *plugins] if phase == "crash" else plugins).fit(max_epochs=2)
+print("RUN", json.dumps({"id": tracker.run_id, "dir": str(tracker.run_dir), "report": tracker.report,
+                         "logged": [[s, m] for s, m in rec.logged()]}))
+"""
+
+
+@pytest.mark.slow  # two subprocesses that start W&B (about 30 s)
+def test_a_killed_run_resumed_in_a_new_process_continues_the_same_run(wandb_env: Any, tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    args = [sys.executable, str(script), str(tmp_path / "ckpt")]
+    crashed = subprocess.run([*args, "crash"], capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    resumed = subprocess.run([*args, "resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    info = json.loads(next(x for x in resumed.stdout.splitlines() if x.startswith("RUN "))[4:])
+    assert "dropped none" in info["report"], info["report"]
+
+    # offline, each process wrote a run folder of its own, both under the same run id
+    folders = sorted(Path(os.environ["WANDB_DIR"]).glob("wandb/offline-run-*"))
+    assert len(folders) == 2 and all(f.name.endswith(f"-{info['id']}") for f in folders)
+    first, second = (read_offline_run(f, wait=30) for f in folders)
+    assert Path(info["dir"]) == second.path
+    assert first.run_id == second.run_id == info["id"]
+    # the second asked W&B to resume it (offline, nothing can confirm that it did)
+    run_record = [next(r["run"] for r in run.records if r["type"] == "run") for run in (first, second)]
+    assert not run_record[0].get("resume") and run_record[1].get("resume") is True
+    # the killed process's backend closed its run (exit code 1) with what had been sent:
+    # steps 4 and 8 before the checkpoint, 12 after it
+    assert first.exit_code == 1 and [s for s, _ in first.steps("train/loss")] == [4, 8, 12]
+    # the resumed process continued from the checkpoint (step 8): step 12 again, then 16,
+    # with its own values; a sync of both folders sends step 12 twice (see the README)
+    resumed_loss = {s: m["train/loss"] for s, m in info["logged"] if "train/loss" in m}
+    assert second.exit_code == 0 and second.resumed is False
+    assert sorted(resumed_loss) == [12, 16]
+    assert dict(second.steps("train/loss")) == pytest.approx(resumed_loss)
+    # W&B's sync would upload both folders to the one run
+    for folder in folders:
+        assert f"run-{info['id']}.wandb" in sync_dry_run(folder)

@@ -95,18 +95,30 @@ class MLflow(Tracker):
       checkpoint plugin announces one, and this tracker's end-of-fit summary
       (``hookloop/tracking-summary.txt``);
     - status: ``FINISHED`` when fit ends, ``FAILED`` when it raises, ``KILLED`` on
-      ``KeyboardInterrupt``; a crash never leaves the run ``RUNNING`` (unless the
+      ``KeyboardInterrupt`` and when the training process is killed (the backend
+      process closes the run); a crash never leaves the run ``RUNNING`` (unless the
       tracking server itself is unreachable by then, which the summary reports).
 
-    The run is keyed by an id of hookloop's own, ``run_key``, chosen on the training
-    thread at fit start (no MLflow call there: creating the run takes seconds on the
-    worker) and stored as the run tag ``hookloop.run_key``. The key and, once known, the
-    run id are the plugin's checkpoint state, so every checkpoint identifies the run,
-    even one written before MLflow created it: resuming (in this process or a new one)
-    continues the same run, found by id or else by key. Params that already hold a
-    different value (e.g. ``max_epochs``) are left as they are, as MLflow forbids
-    changing them. A process killed before the worker created the run leaves no run;
-    its resume creates the run under the same key.
+    MLflow runs in the trackers' backend process (``backend="process"``, see
+    :class:`hookloop.tracking.Tracker`): its imports, store and client never hold the
+    training process's GIL. The run is keyed by an id of hookloop's own, ``run_key``,
+    chosen on the training thread at fit start and stored as the run tag
+    ``hookloop.run_key``; the run is created by the backend process, to which the
+    training thread hands the open call at fit start (creating it on the training
+    thread would make that thread wait for MLflow's import and store: seconds). The key
+    and, once known, the run id are the plugin's checkpoint state, so every checkpoint
+    identifies the run, even one written before MLflow created it: resuming (in this
+    process or a new one) continues the same run, found by id or else by key. Params
+    that already hold a different value (e.g. ``max_epochs``) are left as they are, as
+    MLflow forbids changing them.
+
+    A training process killed before the run existed still leaves it: its backend
+    process creates the run, writes what it was sent and closes the run ``KILLED``. The
+    checkpoint also names that backend process, and a resume on the same machine waits
+    for it to exit (up to ``close_timeout`` + 10 s) before it looks the run up, so it
+    finds the run instead of creating a second one. A kill of the backend process too
+    (a whole process group or job killed) before it created the run leaves no run; the
+    resume then creates it under the same key, as it does with ``backend="thread"``.
 
     Times: the run's start and end times are the fit's start and end on the training
     thread, and every metric's timestamp is when its value was logged there (not when
@@ -147,12 +159,16 @@ class MLflow(Tracker):
         checkpoint until the next one (see above).
     :param tracker_options: options of :class:`hookloop.tracking.Tracker`
         (``log_hparams``, ``histogram_every_n_epochs``, ``queue_size``,
-        ``max_failures``, ``spool_dir``, ``close_timeout``).
+        ``max_failures``, ``spool_dir``, ``close_timeout``, ``metrics_interval``,
+        ``held_size``, ``backend``).
     """
 
     tracker_name = "mlflow"
     hookloop_name = "mlflow"
     removes_artifacts = True
+    default_backend = "process"
+    backend_exports = ("run_id", "experiment_id")
+    parent_only = Tracker.parent_only | {"_pending", "_marks"}
 
     def __init__(
         self,
@@ -173,9 +189,10 @@ class MLflow(Tracker):
             raise ImportError(INSTALL_HINT)
         if not experiment:
             raise ValueError("experiment must be a non-empty name")
-        # MLflow's client does its work in Python (SQLAlchemy, HTTP) on the worker thread,
-        # which competes with the training thread for the GIL: hold scalars for a few
-        # seconds and write them in one log_batch
+        # with backend="thread", MLflow's client does its work in Python (SQLAlchemy,
+        # HTTP) on the worker thread, competing with the training thread for the GIL; in
+        # either backend, fewer and larger log_batch calls: hold scalars for a few
+        # seconds
         tracker_options.setdefault("metrics_interval", 5.0)
         super().__init__(**tracker_options)
         self.tracking_uri = tracking_uri
@@ -216,7 +233,7 @@ class MLflow(Tracker):
         if self._holding:  # a checkpoint is being taken: what is held so far goes in it
             self._marks.append(self._held_seq)
         return {"run_id": self.run_id, "run_key": self.run_key, "tracking_uri": uri,
-                "experiment": self.experiment}
+                "experiment": self.experiment, "backend": self.backend_identity}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue the run saved by :meth:`state_dict` at the next fit start."""
@@ -226,6 +243,8 @@ class MLflow(Tracker):
             self._resume_key = str(state["run_key"])
         if self.tracking_uri is None and state.get("tracking_uri"):
             self.tracking_uri = str(state["tracking_uri"])
+        backend = state.get("backend")
+        self._previous_backend = dict(backend) if isinstance(backend, Mapping) else None
 
     # ------------------------------------------------------------ hooks
 
@@ -298,6 +317,10 @@ class MLflow(Tracker):
         super().on_exception()
 
     # ------------------------------------------------------------ backend
+
+    def _backend_refresh(self) -> dict[str, Any]:
+        """The counts of the summary and the status a KeyboardInterrupt chose."""
+        return {**super()._backend_refresh(), "_status_override": self._status_override}
 
     def _require_run(self) -> tuple[Any, str]:
         if self._client is None or self.run_id is None:

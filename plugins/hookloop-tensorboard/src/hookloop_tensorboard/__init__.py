@@ -3,11 +3,12 @@
 Register it by name (``plugins=["tensorboard"]`` or ``[("tensorboard", {"log_dir":
 "runs/exp1"})]``) or as an object (``plugins=[TensorBoard("runs/exp1")]``).
 
-Everything the :class:`hookloop.tracking.Tracker` base guarantees holds: writes happen on
-a worker thread behind a bounded queue, a failing backend degrades with one warning and
-never stops training, secrets are masked before they reach the writer, and only rank
-zero writes. The TensorBoard SDK is imported lazily, on the worker thread, when a fit
-starts; the core never imports it.
+Everything the :class:`hookloop.tracking.Tracker` base guarantees holds: writes are
+handed, through a bounded queue and a worker thread, to the trackers' backend process
+(``backend="thread"``: the worker thread writes), a failing backend degrades with one
+warning and never stops training, secrets are masked before they reach the writer, and
+only rank zero writes. The TensorBoard SDK is imported lazily, where the writes happen,
+when a fit starts; the core never imports it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ INSTALL_HINT = (
 )
 """The message of the ImportError raised when the TensorBoard SDK is missing."""
 
-_STATUS_TEXT = {"success": "STATUS_SUCCESS", "failed": "STATUS_FAILURE"}
+_STATUS_TEXT = {"success": "STATUS_SUCCESS", "failed": "STATUS_FAILURE", "killed": "STATUS_FAILURE"}
 
 
 def flatten_hparams(params: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
@@ -180,12 +181,16 @@ class TensorBoard(Tracker):
     :param spool_dir: see :class:`hookloop.tracking.Tracker`.
     :param close_timeout: see :class:`hookloop.tracking.Tracker`.
     :param held_size: see :class:`hookloop.tracking.Tracker`.
+    :param backend: see :class:`hookloop.tracking.Tracker`; default ``"process"``: the
+        event files are written by the trackers' backend process.
     :raises ImportError: with :data:`INSTALL_HINT` when ``tensorboard`` is not installed.
     """
 
     hookloop_name = "tensorboard"
     tracker_name = "tensorboard"
     uploads_artifacts = False  # records the best checkpoint's path as text
+    default_backend = "process"
+    parent_only = Tracker.parent_only | {"_graph_hook", "_graph_model", "_graph_input"}
 
     def __init__(
         self,
@@ -201,6 +206,7 @@ class TensorBoard(Tracker):
         spool_dir: str | os.PathLike[str] | None = None,
         close_timeout: float = 30.0,
         held_size: int = 1000,
+        backend: str | None = None,
     ) -> None:
         if importlib.util.find_spec("tensorboard") is None:
             raise ImportError(INSTALL_HINT)
@@ -212,6 +218,7 @@ class TensorBoard(Tracker):
             spool_dir=spool_dir,
             close_timeout=close_timeout,
             held_size=held_size,
+            backend=backend,
         )
         self.log_dir = Path(log_dir)
         self.log_graph = log_graph
@@ -224,11 +231,12 @@ class TensorBoard(Tracker):
         self._graph_hook: Any = None
         self._graph_model: torch.nn.Module | None = None
 
-    # ------------------------------------------------------------ backend (worker thread)
+    # ------------------------------------------------------------ backend (worker thread or process)
 
     @property
     def writer(self) -> Any:
-        """The open ``SummaryWriter`` (``None`` outside a fit or when opening failed)."""
+        """The open ``SummaryWriter`` (``None`` outside a fit, when opening failed, and in
+        the training process when the backend runs in its own process)."""
         return self._writer
 
     def _require_writer(self) -> Any:

@@ -2,11 +2,12 @@
 
 Register it by name (``Loop(..., plugins=[("wandb", {"project": "demo"})])``) or as an
 object (``Loop(..., plugins=[WandB(project="demo")])``). Everything the core's
-:class:`hookloop.tracking.Tracker` guarantees holds: calls to the SDK run on a worker
-thread through a bounded queue, a failing backend never stops training, secrets are
-masked, and the run is finished with exit code 0 or 1.
+:class:`hookloop.tracking.Tracker` guarantees holds: calls to the SDK are handed, through
+a bounded queue and a worker thread, to the trackers' backend process, a failing backend
+never stops training, secrets are masked, and the run is finished with exit code 0 or 1.
 
-The ``wandb`` SDK is imported lazily, on the worker thread, the first time a run opens.
+The ``wandb`` SDK is imported lazily, in the backend process (or on the worker thread
+with ``backend="thread"``), the first time a run opens.
 W&B's own tooling reads an offline run back: ``wandb leet inspect --json RUN_DIR``
 prints its records, ``wandb sync --dry-run RUN_DIR`` what an upload would send.
 """

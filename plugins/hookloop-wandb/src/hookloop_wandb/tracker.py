@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import string
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,38 @@ def _new_run_id() -> str:
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))
 
 
+@contextlib.contextmanager
+def _run_start_time(start: float) -> Iterator[bool]:
+    """While ``wandb.init`` runs, give the run it creates the start time ``start``.
+
+    W&B stamps a run with the time its ``Run`` object is built (``Run._start_time``)
+    and sends it in the run record, which ``wandb.init`` delivers right after
+    ``Run._set_backend``; no setting takes it. This sets ``_start_time`` there. Yields
+    whether it could (``False`` when W&B's internals differ: the run then starts at
+    W&B's own time). Callers hold ``_ARGV_LOCK``: another ``wandb.init`` of this
+    process running at the same moment would get the same start time."""
+    try:
+        from wandb.sdk.wandb_run import Run
+    except ImportError:
+        yield False
+        return
+    original = Run.__dict__.get("_set_backend")
+    if original is None:
+        yield False
+        return
+
+    def _set_backend(run: Any, *args: Any, **kwargs: Any) -> Any:
+        if hasattr(run, "_start_time"):
+            run._start_time = start
+        return original(run, *args, **kwargs)
+
+    Run._set_backend = _set_backend
+    try:
+        yield True
+    finally:
+        Run._set_backend = original
+
+
 class WandB(Tracker):
     """Record a fit in a Weights & Biases run.
 
@@ -65,17 +98,28 @@ class WandB(Tracker):
     when it crashes.
 
     Every row's ``_timestamp`` is the time its values were logged on the training
-    thread (for a step with several ``on_log`` calls, the last one's). ``sys.argv``,
+    thread (for a step with several ``on_log`` calls, the last one's), and the run's
+    start time is the fit's start there (``fit_start_time``), not when ``wandb.init``
+    ran (no W&B setting takes a start time: the tracker sets it on W&B's ``Run``
+    object while ``wandb.init`` runs; with W&B internals that differ, the run keeps
+    W&B's own time). A resumed online run keeps the start its server holds. ``sys.argv``,
     which W&B records in the run's environment (``args``), has secret values and the
     values of secret-looking options masked while the run starts. Best-k: artifact
     versions are kept (W&B cannot delete them offline); the ``best`` alias always names
     the newest best checkpoint, so a version the checkpoint plugin rotated away locally
     loses it.
 
-    The run id is part of the plugin's checkpoint state: resuming a fit from a
-    checkpoint continues the same run (``resume="allow"``), and records at steps the
-    resumed run already holds are dropped and counted instead of making W&B warn about
-    steps that go back.
+    The run id is chosen on the training thread at fit start and is part of the
+    plugin's checkpoint state: resuming a fit from a checkpoint continues the same run
+    (``resume="allow"``), and records at steps the resumed run already holds are dropped
+    and counted instead of making W&B warn about steps that go back.
+
+    W&B runs in the trackers' backend process (``backend="process"``, see
+    :class:`hookloop.tracking.Tracker`), which gets the training process's environment,
+    working directory, ``sys.argv`` and main file, so the run records the training
+    script, not the backend. A training process killed after the fit started leaves a
+    run: the backend process starts it if it had not yet, writes what it was sent and
+    finishes the run with exit code 1.
 
     :param project: W&B project (default: ``WANDB_PROJECT``, else ``"hookloop"``).
     :param entity: team or user (default: the account's default).
@@ -105,11 +149,14 @@ class WandB(Tracker):
     :param init_kwargs: any other ``wandb.init`` arguments.
     :param tracker_options: options of :class:`hookloop.tracking.Tracker`
         (``log_hparams``, ``histogram_every_n_epochs``, ``queue_size``,
-        ``max_failures``, ``spool_dir``, ``close_timeout``).
+        ``max_failures``, ``spool_dir``, ``close_timeout``, ``metrics_interval``,
+        ``held_size``, ``backend``).
     """
 
     tracker_name = "wandb"
     hookloop_name = "wandb"
+    default_backend = "process"
+    backend_exports = ("run_id", "run_dir")
 
     def __init__(
         self,
@@ -177,7 +224,8 @@ class WandB(Tracker):
     def state_dict(self) -> dict[str, Any]:
         """The run id (and where it lives), saved in loop checkpoints so that a resume
         continues the same run."""
-        return {"run_id": self.run_id, "project": self.project, "entity": self.entity}
+        return {"run_id": self.run_id, "project": self.project, "entity": self.entity,
+                "backend": self.backend_identity}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue the run saved by :meth:`state_dict` at the next fit start."""
@@ -187,12 +235,14 @@ class WandB(Tracker):
         for key in ("project", "entity"):
             if getattr(self, key) is None and state.get(key):
                 setattr(self, key, state[key])
+        backend = state.get("backend")
+        self._previous_backend = dict(backend) if isinstance(backend, Mapping) else None
 
     # ------------------------------------------------------------ hooks
 
     @hookimpl
     def on_fit_start(self, loop: Any) -> None:
-        """Choose the run id (resumed, given or new), then open the run on the worker."""
+        """Choose the run id (resumed, given or new), then open the run in the backend."""
         self._resuming = self._resume_id is not None
         self.run_id = self._resume_id or self._fixed_id or _new_run_id()
         self._resume_id = None
@@ -259,10 +309,13 @@ class WandB(Tracker):
         kwargs.update(self.init_kwargs)
         try:
             # W&B records sys.argv in the run's metadata: mask secrets in it meanwhile
+            # and the run starts when the fit started on the training thread
+            start = float(loop_info.get("time") or self.record_time)
             with _ARGV_LOCK:
                 argv, sys.argv = sys.argv, mask_argv(sys.argv)
                 try:
-                    run = wandb.init(**{k: v for k, v in kwargs.items() if v is not None})
+                    with _run_start_time(start):
+                        run = wandb.init(**{k: v for k, v in kwargs.items() if v is not None})
                 finally:
                     sys.argv = argv
         except Exception as exc:
