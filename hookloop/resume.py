@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from hookloop.loop import Loop
 
 __all__ = ["COMPILED_PREFIX", "STATE_FORMAT", "ResumeError", "StateAPI", "align_compiled_keys", "claim",
-           "collect", "migrate", "restore", "sharded_state", "state_key"]
+           "collect", "migrate", "model_problems", "restore", "sharded_state", "state_key"]
 
 log = logging.getLogger("hookloop")
 
@@ -342,25 +342,36 @@ def _check_form(loop: Loop, checkpoint: Mapping[str, Any]) -> str | None:
             "saving run did, or load only the weights into the model before sharding it")
 
 
-def _check_model(loop: Loop, saved: Mapping[str, Any], strict: bool,
-                 live: Mapping[str, Any] | None = None) -> list[str]:
-    live = _live_model_state(loop) if live is None else live
+def _shapes(state: Mapping[str, Any]) -> dict[str, tuple[int, ...] | None]:
+    return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else
+            (tuple(v) if isinstance(v, (tuple, torch.Size)) else None) for k, v in state.items()}
+
+
+def model_problems(live: Mapping[str, Any], saved: Mapping[str, Any], *, strict: bool = True) -> list[str]:
+    """What keeps a saved model state from loading into a live one: keys missing or
+    unexpected (with ``strict``) and shapes that differ. Values are tensors or shapes
+    (for a checkpoint described by its index, such as a sharded one)."""
+    live_shapes, saved_shapes = _shapes(live), _shapes(saved)
     problems = []
     if strict:
-        missing = [k for k in live if k not in saved]
-        unexpected = [k for k in saved if k not in live]
+        missing = [k for k in live_shapes if k not in saved_shapes]
+        unexpected = [k for k in saved_shapes if k not in live_shapes]
         if missing:
             problems.append(f"model: keys missing from the checkpoint: {missing[:8]}"
                             f"{' ...' if len(missing) > 8 else ''}")
         if unexpected:
             problems.append(f"model: unexpected keys in the checkpoint: {unexpected[:8]}"
                             f"{' ...' if len(unexpected) > 8 else ''}")
-    for k, v in saved.items():
-        mine = live.get(k)
-        if isinstance(v, torch.Tensor) and isinstance(mine, torch.Tensor) and v.shape != mine.shape:
-            problems.append(f"model: {k} has shape {tuple(v.shape)} in the checkpoint and "
-                            f"{tuple(mine.shape)} in the model")
+    for k, shape in saved_shapes.items():
+        mine = live_shapes.get(k)
+        if shape is not None and mine is not None and shape != mine:
+            problems.append(f"model: {k} has shape {shape} in the checkpoint and {mine} in the model")
     return problems
+
+
+def _check_model(loop: Loop, saved: Mapping[str, Any], strict: bool,
+                 live: Mapping[str, Any] | None = None) -> list[str]:
+    return model_problems(_live_model_state(loop) if live is None else live, saved, strict=strict)
 
 
 def _check_optim(loop: Loop, checkpoint: Mapping[str, Any]) -> list[str]:

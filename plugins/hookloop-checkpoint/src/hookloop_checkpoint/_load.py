@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from hookloop.resume import ResumeError, align_compiled_keys, sharded_state
+from hookloop.resume import ResumeError, align_compiled_keys, model_problems, sharded_state
 from hookloop_checkpoint._io import MANIFEST_NAME, file_digest, read_manifest, sanitize_name
 
 if TYPE_CHECKING:
@@ -194,21 +194,7 @@ def _check_sharded(path: Path, small: Mapping[str, Any], template: Mapping[str, 
     if layout is None:
         return []
     model, optims = layout
-    problems = []
-    live = template["model"]
-    missing = [k for k in live if k not in model]
-    unexpected = [k for k in model if k not in live]
-    if missing:
-        problems.append(f"model: keys missing from the checkpoint: {missing[:8]}"
-                        f"{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"model: unexpected keys in the checkpoint: {unexpected[:8]}"
-                        f"{' ...' if len(unexpected) > 8 else ''}")
-    for k, shape in model.items():
-        mine = live.get(k)
-        if isinstance(mine, torch.Tensor) and tuple(mine.shape) != shape:
-            problems.append(f"model: {k} has shape {shape} in the checkpoint and {tuple(mine.shape)} "
-                            f"in the model")
+    problems = model_problems(template["model"], model)
     opts = template["optimizers"]
     if len(optims) != len(opts):
         return [*problems, f"optimizers: the checkpoint has {len(optims)} optimizer states; the loop "
