@@ -33,6 +33,19 @@ def test_the_doc_marks_its_launch_example(mark: str) -> None:
         compile(code, str(DOC), "exec")
 
 
+def _ran_on_both_ranks(script: Path, out: Path) -> tuple[dict, dict]:
+    """Run ``script`` under torchrun; both ranks trained to the same step, one process
+    group was created and it was destroyed, the loop closed. Returns each rank's record."""
+    run = torchrun("worker_docs.py", out, str(script))
+    assert run.returncode == 0, run.output[-8000:]
+    r0, r1 = run.results("docs")
+    for rank, r in enumerate((r0, r1)):
+        assert r["inits"] == 1 and not r["group_up_after"], r
+        assert (r["rank"], r["world_size"], r["closed"]) == (rank, 2, True)
+    assert r0["global_step"] == r1["global_step"] > 0
+    return r0, r1
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(TEST_TIMEOUT)
 @pytest.mark.parametrize("index", range(len(snippets())))
@@ -40,14 +53,7 @@ def test_a_marked_snippet_runs_under_torchrun(tmp_path: Path, index: int) -> Non
     script = tmp_path / f"snippet{index}.py"
     script.write_text(snippets()[index])
     out = tmp_path / "out"
-    run = torchrun("worker_docs.py", out, str(script))
-    assert run.returncode == 0, run.output[-8000:]
-    r0, r1 = run.results("docs")
-    for rank, r in enumerate((r0, r1)):
-        # the loop created the process group, and the with block destroyed it
-        assert r["inits"] == 1 and not r["group_up_after"], r
-        assert (r["rank"], r["world_size"], r["closed"]) == (rank, 2, True)
-    assert r0["global_step"] == r1["global_step"] > 0
+    r0, r1 = _ran_on_both_ranks(script, out)  # the loop created the group, the with block destroyed it
     # rank 0 alone writes the checkpoints and the manifest
     assert r1["replaced"] == []
     assert any(p.startswith("checkpoints/") and p.endswith(".pt") for p in r0["replaced"])
@@ -70,14 +76,7 @@ def test_a_marked_sharded_snippet_runs_under_torchrun(tmp_path: Path, index: int
     script = tmp_path / f"sharded{index}.py"
     script.write_text(snippets(SHARDED_MARK)[index])
     out = tmp_path / "out"
-    run = torchrun("worker_docs.py", out, str(script))
-    assert run.returncode == 0, run.output[-8000:]
-    r0, r1 = run.results("docs")
-    for rank, r in enumerate((r0, r1)):
-        # the script created its process group (fully_shard needs it) and destroyed it
-        assert r["inits"] == 1 and not r["group_up_after"], r
-        assert (r["rank"], r["world_size"], r["closed"]) == (rank, 2, True)
-    assert r0["global_step"] == r1["global_step"] > 0
+    r0, r1 = _ran_on_both_ranks(script, out)  # the script created its group (fully_shard needs it)
     # one directory per checkpoint, a shard file from each rank, listed by rank 0
     manifest = json.loads((out / "checkpoints" / "checkpoints.json").read_text())
     assert manifest["checkpoints"] and all(e["sharded"] for e in manifest["checkpoints"])
