@@ -83,15 +83,9 @@ class FastForward(Sampler[int]):
         return iter(self._indices)
 
     def __len__(self) -> int:
-        if self._indices is not None:
-            return len(self._indices)
-        ds = self._distributed()
-        if ds is None:
-            return max(0, len(self.inner) - self.skip)  # type: ignore[arg-type]
-        rest = max(0, len(ds.dataset) - self.skip)  # type: ignore[arg-type]
-        if ds.drop_last:
-            return rest // ds.num_replicas
-        return -(-rest // ds.num_replicas)
+        """The whole epoch's length, as ``inner`` reports it: ``len(train_data)`` keeps
+        meaning the epoch's batches, numbered from where the saved position falls."""
+        return len(self.inner)  # type: ignore[arg-type]
 
 
 def batch_sampler(data: Any) -> BatchSampler | None:

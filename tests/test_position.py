@@ -37,6 +37,17 @@ class Ids(Dataset):
         return self.x[i], self.y[i]
 
 
+class Lengths:
+    """Records ``len(train_data)`` and the batch index at every batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int]] = []
+
+    @hookimpl
+    def on_train_batch_end(self, loop: Loop, batch_idx: int) -> None:
+        self.seen.append((batch_idx, len(loop.train_data)))
+
+
 class Seen:
     """Records the sample ids of every batch trained, per epoch; saves at ``save_step``."""
 
@@ -192,3 +203,16 @@ def test_the_sampler_is_given_back_after_the_resumed_epoch() -> None:
     make(data, Seen()).fit(max_epochs=1, resume=first.saved)
     assert data.batch_sampler.sampler is sampler
     assert isinstance(sampler, RandomSampler)
+
+
+@pytest.mark.parametrize(("new_batch", "full"), [(8, 10), (16, 5)])
+def test_the_loader_reports_the_whole_epoch_while_fast_forwarded(new_batch: int, full: int) -> None:
+    _, first = saved_run(8, 3)  # 24 samples done
+    lengths = Lengths()
+    torch.manual_seed(0)
+    net = nn.Linear(4, 1)
+    loop = Loop(net, torch.optim.SGD(net.parameters(), lr=0.01), shuffled(Ids(), new_batch),
+                loss_fn=nn.functional.mse_loss, plugins=[lengths], autoload=False)
+    loop.fit(max_epochs=1, resume=first.saved)
+    assert {n for _, n in lengths.seen} == {full}  # plugins comparing batch_idx to len() see the epoch
+    assert lengths.seen[-1][0] == full - 1  # the epoch's last batch has the last index
