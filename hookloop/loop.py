@@ -199,6 +199,10 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
         self._phase = "idle"  # "fit" from fit's start to on_fit_end, "ended" in on_fit_end
         self._in_epoch = False  # from on_train_epoch_start to the epoch's last batch
         self._in_batches = False  # while the epoch's batches run
+        # the last step's loss, graph and all, until the next step's forward has run (as
+        # in a hand-written loop): its nodes hold the parameters' gradient accumulators,
+        # which autograd then reuses instead of building anew at every step
+        self._last_loss: torch.Tensor | None = None
         self._batches_seen = 0  # batches train_data yielded, counted at each epoch's end
         self._warned_exhausted = False
         self._stop_epoch = False
@@ -299,41 +303,46 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
                 and optim.autocast_dtype is None and optim.scaler is None and optim.grad_clip_norm is None
                 and optim.grad_clip_value is None and len(optim.optimizers) == 1)
 
-    def _plain_step(self, batch: Any) -> Any:
+    def _plain_step(self, batch: Any, batch_idx: int) -> Any:
         """:meth:`_train_step` for the default step with nothing between its parts: one
-        optimizer, no accumulation, clipping, autocast or scaler, and no plugin on the
-        backward or optimizer hooks. The same operations as the general path, with
-        fewer Python calls (the hot path of the simplest loop)."""
-        if (batch.__class__ is not tuple and batch.__class__ is not list) or len(batch) < 2:
-            return self._train_step(batch, -1, plain=False)  # the general path's errors
+        optimizer, no accumulation, clipping, autocast or scaler (checked at each epoch's
+        start), and no plugin on the backward or optimizer hooks (checked here, at every
+        step). The same operations as the general path, with fewer Python calls (the hot
+        path of the simplest loop)."""
+        callers = self.callers
+        if (callers.on_before_backward is not None or callers.on_after_backward is not None
+                or callers.on_before_optimizer_step is not None
+                or (batch.__class__ is not tuple and batch.__class__ is not list) or len(batch) < 2):
+            return self._train_step(batch, batch_idx)  # with the general path's hooks and errors
         loss = self.loss_fn(self.model(batch[0]), batch[1])  # type: ignore[misc]
         if loss.__class__ is not torch.Tensor or loss.ndim:
             _checked_loss(loss)
         loss.backward()
+        self._last_loss = loss
         optim = self.optim
         opt = optim.optimizers[0]
-        stepped = not optim.skip
-        if stepped:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        optim.skip = False
-        loss = loss.detach()
         state = self.state
-        state.stepped = stepped
-        if stepped:
-            self.metrics.record("train/loss", loss)
-            state.global_step += 1
-            if optim.scheduler_interval == "step":
-                optim.step_schedulers_per_step()
+        if optim.skip:
+            opt.zero_grad(set_to_none=True)
+            optim.skip = state.stepped = False
+            return {"loss": loss.detach()}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = loss.detach()
+        state.stepped = True
+        pending = self.metrics.pending  # MetricStore.record, inlined: stage is "train"
+        values = pending.get("train/loss")
+        if values is None:
+            pending["train/loss"] = [loss]
+        else:
+            values.append(loss)
+        state.global_step += 1
+        if optim.scheduler_interval == "step":
+            optim.step_schedulers_per_step()
         return {"loss": loss}
 
-    def _train_step(self, batch: Any, batch_idx: int, plain: bool = False) -> Any:
+    def _train_step(self, batch: Any, batch_idx: int) -> Any:
         """Run one batch; returns the outputs that ``on_train_batch_end`` receives."""
-        if plain:
-            callers = self.callers
-            if (callers.on_before_backward is None and callers.on_after_backward is None
-                    and callers.on_before_optimizer_step is None):
-                return self._plain_step(batch)
         state = self.state
         optim = self.optim
         if self.manual_optimization:
@@ -386,6 +395,7 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
             return None
         loss = result["loss"] if isinstance(result, Mapping) else result
         self.optim.backward(_checked_loss(loss))
+        self._last_loss = loss
         return result
 
     # ------------------------------------------------------------------ fit
@@ -460,6 +470,7 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
             state.stage = "idle"
             self._phase = "idle"
             self._in_epoch = self._in_batches = False
+            self._last_loss = None
             self._end_fast_forward()
             self._report_failures()
         return state
@@ -578,8 +589,7 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
         log_every = self.log_every_n_steps
         val_every = self.val_every_n_steps if self.val_data is not None else None
         batch_idx = first = state.epoch_batches_done
-        train_step = self._train_step
-        plain = self._plain()
+        train_step = self._plain_step if self._plain() else self._train_step
         self._in_batches = True
         for batch in it:
             if move:
@@ -590,7 +600,7 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
                 h(self, batch, batch_idx)
                 if self._stop_agreed if distributed else (self._stop_epoch or state.should_stop):
                     break
-            outputs = train_step(batch, batch_idx, plain)
+            outputs = train_step(batch, batch_idx)
             state.outputs = outputs
             batch_idx += 1
             state.epoch_batches_done = batch_idx
@@ -608,7 +618,7 @@ class Loop(ControlAPI, LoggingAPI, StateAPI):
                 break
             if state.max_steps is not None and state.global_step >= state.max_steps:
                 break
-        state.outputs = None
+        state.outputs = self._last_loss = None
         self._in_epoch = self._in_batches = False
         self._end_fast_forward()
         if self.optim.accumulated and not self.manual_optimization:
