@@ -1,5 +1,6 @@
-"""Run the whole benchmark suite: workloads (with the compiled CNN), checkpoint stall,
-trackers, whole-fit wall time and dispatch, in that order.
+"""Run the whole benchmark suite: workloads (with the compiled CNN), the bare loop
+against the raw loop in paired blocks, checkpoint stall, trackers, whole-fit wall time
+and dispatch, in that order.
 
 Writes ``results.json`` (every figure, the machine, the command) and the PNG plots to
 ``--out``, prints each part's tables, then a summary table and every target (met,
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import bare_loop
 import benchlib
 import checkpoint_stall
 import dispatch
@@ -31,8 +33,8 @@ import wholefit
 import workloads
 from benchlib import Target, format_table, log
 
-PARTS = ("workloads", "checkpoint", "trackers", "wholefit", "dispatch")
-MODULES = {"workloads": workloads, "checkpoint": checkpoint_stall, "trackers": trackers,
+PARTS = ("workloads", "bare", "checkpoint", "trackers", "wholefit", "dispatch")
+MODULES = {"workloads": workloads, "bare": bare_loop, "checkpoint": checkpoint_stall, "trackers": trackers,
            "wholefit": wholefit, "dispatch": dispatch}
 NEEDS_STACK = ("workloads", "trackers", "wholefit", "dispatch")
 

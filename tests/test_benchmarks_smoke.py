@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +33,7 @@ def _run(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> 
     [
         ("dispatch.py", [], "dispatch.json"),
         ("workloads.py", ["--only", "noop"], "workloads.json"),
+        ("bare_loop.py", [], "bare_loop.json"),
         ("checkpoint_stall.py", [], "checkpoint.json"),
         ("trackers.py", [], "trackers.json"),
         ("wholefit.py", [], "wholefit.json"),
@@ -91,3 +94,39 @@ def test_trackers_script_runs_with_the_trackers(tmp_path: Path) -> None:
     if os.path.exists("/proc/thread-self/schedstat"):
         assert data["split"]["trackers"]["first"] is not None
         assert "where the training thread's time per step goes" in stdout
+
+
+def _bare_loop() -> Any:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bare_loop
+    finally:
+        sys.path.remove(str(BENCH))
+    return bare_loop
+
+
+def test_bare_loop_reads_callgrind_dumps_in_dump_order(tmp_path: Path) -> None:
+    """The dumps are numbered by callgrind; the final one (no number: the process's
+    exit) is left out, and a file without a count is an error, not a zero."""
+    read_dumps = _bare_loop().read_dumps
+    for n, count in ((2, 700), (1, 500), (10, 900)):
+        (tmp_path / f"cg.out.{n}").write_text(f"# callgrind format\nevents: Ir\nsummary: {count}\n")
+    (tmp_path / "cg.out").write_text("events: Ir\nsummary: 123456\n")
+    assert read_dumps(tmp_path, "cg.out") == [500, 700, 900]
+    (tmp_path / "cg.out.11").write_text("events: Ir\n")
+    with pytest.raises(ValueError, match=r"cg.out.11: no 'summary:' line"):
+        read_dumps(tmp_path, "cg.out")
+
+
+@pytest.mark.slow  # torch under valgrind: about 6 minutes
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+def test_bare_loop_counts_instructions_under_callgrind() -> None:
+    """The instruction count runs for real: one round of each contender, counted
+    between the markers (a marker fired anywhere else would change the dump count)."""
+    result = _bare_loop().instructions(rounds=1)
+    assert "error" not in result, result
+    raw, hook = result["per_step"]["raw"]["median"], result["per_step"]["hookloop"]["median"]
+    # the tiny MLP's step is about 1.4 million instructions under valgrind; hookloop's
+    # own work is a few percent of it, never a step's worth
+    assert 1e5 < raw < 1e8 and 1e5 < hook < 1e8, result
+    assert abs(hook - raw) < 0.5 * raw, result
