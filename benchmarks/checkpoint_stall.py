@@ -155,7 +155,8 @@ def run(device: torch.device, quick: bool, root: Path) -> dict[str, Any]:
             log(f"checkpoint: {mode} failed: {errors[mode]}")
             continue
         stalls = [g - base_gap for g in m["gaps"]]
-        out["modes"][mode] = {"stall_ms": summarize(stalls, 1e3), "fit_end_ms": m["fit_end_s"] * 1e3,
+        out["modes"][mode] = {"stall_ms": summarize(stalls, 1e3), "first_ms": stalls[0] * 1e3,
+                              "later_ms": summarize(stalls[1:], 1e3), "fit_end_ms": m["fit_end_s"] * 1e3,
                               "work_per_epoch_ms": work * 1e3}
         if mode == "sync":
             # let the async writer finish between saves: twice a synchronous save
@@ -163,7 +164,9 @@ def run(device: torch.device, quick: bool, root: Path) -> dict[str, Any]:
     if errors:
         out["errors"] = errors
     sync_ms = out["modes"].get("sync", {}).get("stall_ms", {}).get("median")
-    stall = out["modes"].get("async", {}).get("stall_ms", {})
+    # the target is the steady state: the first async save allocates the staging buffer
+    # and faults its pages in (reported apart); every later save copies into it
+    stall = out["modes"].get("async", {}).get("later_ms", {})
     async_ms = stall.get("median")
     out["ratio_pct"] = 100.0 * async_ms / sync_ms if sync_ms and async_ms is not None else None
     floor_ms = floor["ms"]["median"]
@@ -171,7 +174,10 @@ def run(device: torch.device, quick: bool, root: Path) -> dict[str, Any]:
     out["async_over_memcpy"] = ratio
     spread = (stall["min"] / floor_ms, stall["max"] / floor_ms) if ratio is not None else None
     note = (f"{floor['bytes'] / 2**20:.0f} MB of state; memcpy {floor_ms:.1f} ms "
-            f"[{floor['ms']['min']:.1f}..{floor['ms']['max']:.1f}]; spread over saves")
+            f"[{floor['ms']['min']:.1f}..{floor['ms']['max']:.1f}]; saves after the first, spread over them")
+    first = out["modes"].get("async", {}).get("first_ms")
+    if first is not None and floor_ms:
+        note += f"; the first save (allocates the staging buffer) {first / floor_ms:.1f}x"
     if out["model_mb"] < 100:
         note += "; below 100 MB (smoke size)"
     if errors:
@@ -196,8 +202,12 @@ def report(result: dict[str, Any]) -> str:
                      f"{result['memcpy']['bytes'] / 2**20:.0f} MB into a preallocated, touched buffer")
     for mode, m in result["modes"].items():
         s = m["stall_ms"]
-        lines.append(f"  {mode:>5}: stall {s['median']:.1f} ms [{s['min']:.1f}..{s['max']:.1f}]; "
-                     f"fit end wait {m['fit_end_ms']:.1f} ms")
+        line = f"  {mode:>5}: stall {s['median']:.1f} ms [{s['min']:.1f}..{s['max']:.1f}]"
+        if m.get("later_ms", {}).get("median") is not None:
+            later = m["later_ms"]
+            line += (f" (first save {m['first_ms']:.1f} ms; later saves {later['median']:.1f} ms "
+                     f"[{later['min']:.1f}..{later['max']:.1f}])")
+        lines.append(line + f"; fit end wait {m['fit_end_ms']:.1f} ms")
     if result.get("ratio_pct") is not None:
         lines.append(f"  async / sync: {result['ratio_pct']:.1f} %")
     if result.get("async_over_memcpy") is not None:

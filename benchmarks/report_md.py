@@ -122,14 +122,38 @@ def render(results: dict[str, Any], rel: str) -> str:
         if c.get("skipped"):
             lines.append(f"Not run: {c['skipped']}.")
         else:
-            rows = [[k, v["stall_ms"]["median"], _rng(v["stall_ms"]), v["fit_end_ms"]]
+            rows = [[k, v["stall_ms"]["median"], _rng(v["stall_ms"]), _f(v.get("first_ms")),
+                     _f((v.get("later_ms") or {}).get("median")), _rng(v.get("later_ms")), v["fit_end_ms"]]
                     for k, v in c["modes"].items()]
             if c.get("memcpy"):
                 rows.append(["memcpy floor (same bytes, preallocated touched buffer)",
-                             c["memcpy"]["ms"]["median"], _rng(c["memcpy"]["ms"]), "-"])
-            lines += _table(["mode", "stall ms (median)", "spread", "fit-end wait ms"], rows)
+                             c["memcpy"]["ms"]["median"], _rng(c["memcpy"]["ms"]), "-", "-", "-", "-"])
+            lines += _table(["mode", "stall ms (median)", "spread", "first save ms", "later saves ms",
+                             "spread", "fit-end wait ms"], rows)
             for mode, err in c.get("errors", {}).items():
                 lines.append(f"\n{mode} failed: {err}")
+    bare = results.get("bare")
+    if bare:
+        lines += ["", "### Bare loop against raw, step against step (tiny MLP, one torch thread)", ""]
+        if bare.get("skipped"):
+            lines.append(f"NOT RUN: {bare['skipped']}.")
+        else:
+            tm = bare["time"]
+            us = tm["us_per_step"]
+            lines += _table(["contender", "us/step", "spread", "over raw %", "spread"],
+                            [["raw", us["raw"]["median"], _rng(us["raw"]), "-", "-"],
+                             ["hookloop, no plugins", us["hookloop"]["median"], _rng(us["hookloop"]),
+                              tm["overhead_pct"]["median"], _rng(tm["overhead_pct"])]])
+            lines.append(f"\n{tm['rounds_run']} rounds of {tm['steps_per_epoch']} steps, windows of "
+                         f"{tm['window']} steps.")
+            ins = bare.get("instructions") or {}
+            if "error" in ins or not ins:
+                lines.append(f"Instructions per step: {ins.get('error', 'not run')}.")
+            else:
+                pct, per = ins["overhead_pct"], ins["per_step"]
+                lines.append(f"Instructions per step (callgrind): raw {per['raw']['median']:,.0f}, "
+                             f"hookloop {per['hookloop']['median']:,.0f} "
+                             f"({pct['median']:+.2f}% [{pct['min']:+.2f}..{pct['max']:+.2f}]).")
     t = results.get("trackers")
     if t:
         lines += ["", "### Trackers (tiny MLP, logging every 50 steps, over no plugins, from fit's call)",

@@ -74,3 +74,32 @@ def test_the_short_path_keeps_the_general_errors() -> None:
                 loss_fn=lambda out, y: (out - y) ** 2, autoload=False)
     with pytest.raises(ValueError, match="must produce a scalar loss tensor; got \\(2, 1\\)"):
         loop.fit(max_epochs=1)
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_the_last_loss_lives_until_the_next_forward_and_no_longer(plain: bool) -> None:
+    """As in a hand-written loop, the previous step's loss (and so its graph, which
+    holds the parameters' gradient accumulators for autograd to reuse) is alive while
+    the next step's forward runs; after the fit nothing keeps any step's graph."""
+    import gc
+    import weakref
+
+    losses: list[weakref.ref[torch.Tensor]] = []
+    alive_at_forward: list[bool] = []
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if losses:
+            alive_at_forward.append(losses[-1]() is not None)
+        loss = nn.functional.mse_loss(out, y)
+        losses.append(weakref.ref(loss))
+        return loss
+
+    net = nn.Linear(4, 1)
+    data = [(torch.randn(3, 4), torch.randn(3, 1)) for _ in range(4)]
+    loop = Loop(net, torch.optim.SGD(net.parameters(), lr=0.1), data, loss_fn=loss_fn, autoload=False)
+    if not plain:
+        loop._plain = lambda: False  # type: ignore[method-assign]
+    loop.fit(max_epochs=2)
+    gc.collect()
+    assert alive_at_forward == [True, True, True, False, True, True, True]  # the epoch's end lets go
+    assert all(ref() is None for ref in losses)
