@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import copy
 import difflib
@@ -103,7 +104,7 @@ class _Job:
         self.stat = stat
         self.files: dict[str, Any] | None = None
         self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
+        self.done: threading.Event | None = None  # set when an async write finished
         self.owner = True  # this rank lists the checkpoint (rank 0); others wrote shards only
 
     def run(self) -> None:
@@ -114,6 +115,23 @@ class _Job:
             self.error = exc
         self.stat.write_s = time.perf_counter() - start
         self.fn = None  # type: ignore[assignment]  # drop the state (its tensors: the staging buffer's)
+
+    def start(self) -> None:
+        """Run on a writer thread of its own; :attr:`done` is set when it finished.
+
+        Started with ``_thread`` rather than ``threading.Thread``: ``Thread.start`` waits
+        until the new thread has run, and a writer that begins by serialising holds the
+        GIL for a switch interval (5 ms) before it lets go, all of it added to the
+        training thread's stall (measured: 5-9 ms per save against 0.1 ms)."""
+        self.done = threading.Event()
+        _thread.start_new_thread(self._run_and_signal, ())
+
+    def _run_and_signal(self) -> None:
+        try:
+            self.run()
+        finally:
+            assert self.done is not None
+            self.done.set()
 
 
 def _plain_keys(model_state: Mapping[str, Any]) -> dict[str, Any]:
@@ -1026,10 +1044,8 @@ class Checkpoint:
                 write = self._make_write(ckpt, entry, manifest, removed, model_obj)
                 job = _Job(write, entry, before, is_best, entry["metrics"], stat, removed)
                 if self.async_save:
-                    job.thread = threading.Thread(target=job.run, name="hookloop-checkpoint-writer",
-                                                  daemon=True)
                     self._job = job
-                    job.thread.start()
+                    job.start()
                 else:
                     job.run()
             if self.async_save and state.world_size > 1:
@@ -1190,8 +1206,8 @@ class Checkpoint:
         job, self._job = self._job, None
         remote, self._remote = self._remote, None
         if job is not None:
-            if job.thread is not None:
-                job.thread.join()
+            if job.done is not None:
+                job.done.wait()
             else:  # an async sharded save: wait for DCP's write; rank 0 then lists it
                 job.run()
         if remote is not None and loop is not None and sync_ranks:
