@@ -21,10 +21,10 @@ So the two are compared where drift cannot come between them:
   out and writes them out at the last (the markers are calls to ``os.getppid`` and
   ``os.getpgrp``, which nothing else in that process makes). Instructions per step of
   each, and hookloop's overhead in % of raw's, per round. A count, not a time: it
-  repeats exactly whatever else the machine does, but it does not see cache misses or
-  branch mispredictions (Python's own code has more of those per instruction than
-  torch's kernels), and torch under valgrind runs its AVX2 kernels whatever the CPU
-  has. It says where the loop's own work stands; the time figure says what users get.
+  does not depend on what else the machine does (it moves a little between rounds,
+  with where Python's garbage collections land), but it does not see cache misses or
+  branch mispredictions, and torch under valgrind runs its AVX2 kernels whatever the
+  CPU has. It says where the loop's own work stands; the time figure says what users get.
 
 Run alone: ``python benchmarks/bare_loop.py [--quick] [--out DIR] [--no-instructions]``
 (``--device`` is accepted for the suite; the target is a CPU one, and on another
@@ -260,9 +260,9 @@ def run(device: torch.device, quick: bool, root: Path | None = None, stack: Any 
     if quick or not count:
         out["instructions"] = {"error": "not run (" + ("--quick" if quick else "--no-instructions") + ")"}
     elif benchlib.out_of_time(400.0):
-        out["instructions"] = {"error": "not run: time budget (about 6 minutes under valgrind)"}
+        out["instructions"] = {"error": "not run: time budget (about 7 minutes under valgrind)"}
     else:
-        log("bare loop: counting instructions under callgrind (about 6 minutes)")
+        log("bare loop: counting instructions under callgrind (about 7 minutes)")
         out["instructions"] = instructions()
     t = out["time"]
     note = f"step against step, {t['rounds_run']} rounds of {t['steps_per_epoch']} steps"
@@ -274,8 +274,7 @@ def run(device: torch.device, quick: bool, root: Path | None = None, stack: Any 
 def report(result: dict[str, Any]) -> str:
     """The printed lines of this part."""
     if result.get("skipped"):
-        lines = [f"bare loop: NOT RUN: {result['skipped']}", "targets:"]
-        return "\n".join(lines + [Target.from_dict(d).line() for d in result["targets"]])
+        return benchlib.report_text([f"bare loop: NOT RUN: {result['skipped']}"], result["targets"])
     t = result["time"]
     us = t["us_per_step"]
     lines = [f"bare loop, tiny MLP 32-64-64-1, batch 32, CPU, one torch thread: each hookloop step "
@@ -295,9 +294,7 @@ def report(result: dict[str, Any]) -> str:
                      f"hookloop {hook['median']:,.0f}, "
                      f"+{ins['overhead']['median']:,.0f} = {pct['median']:+.2f}% "
                      f"[{pct['min']:+.2f}..{pct['max']:+.2f}]")
-    lines.append("targets:")
-    lines += [Target.from_dict(d).line() for d in result["targets"]]
-    return "\n".join(lines)
+    return benchlib.report_text(lines, result["targets"])
 
 
 def main(argv: list[str] | None = None) -> int:

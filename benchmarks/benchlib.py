@@ -264,6 +264,12 @@ class Target:
         return f"  [{self.status:>7}] {self.name}: {value} {self.unit} {limit}{note}"
 
 
+def report_text(lines: Sequence[str], targets: Sequence[dict[str, Any]]) -> str:
+    """A script's printed report: ``lines``, then ``targets:`` and one line per target
+    (JSON form, as in a result's ``targets``)."""
+    return "\n".join([*lines, "targets:", *(Target.from_dict(t).line() for t in targets)])
+
+
 def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     """A plain text table with right-aligned numeric columns."""
     cells = [[str(h) for h in header]] + [["-" if c is None else _fmt(c) for c in r] for r in rows]

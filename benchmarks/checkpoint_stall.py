@@ -263,9 +263,7 @@ def report(result: dict[str, Any]) -> str:
                      f"[{later['min']:.2f}..{later['max']:.2f}]; first saves {first['median']:.2f} x "
                      f"[{first['min']:.2f}..{first['max']:.2f}]; those memcpys {fl['median']:.1f} ms "
                      f"[{fl['min']:.1f}..{fl['max']:.1f}]")
-    lines.append("targets:")
-    lines += [Target.from_dict(t).line() for t in result["targets"]]
-    return "\n".join(lines)
+    return benchlib.report_text(lines, result["targets"])
 
 
 def main(argv: list[str] | None = None) -> int:

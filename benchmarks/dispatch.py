@@ -313,9 +313,7 @@ def report(result: dict[str, Any]) -> str:
         lines.append("full stack: missing " + "; ".join(f"{k} ({v[:120]})"
                                                          for k, v in result["stack"]["missing"].items()))
     lines.append("")
-    lines.append("targets:")
-    lines += [Target.from_dict(t).line() for t in result["targets"]]
-    return "\n".join(lines)
+    return benchlib.report_text(lines, result["targets"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -342,9 +342,7 @@ def report(result: dict[str, Any]) -> str:
         lines.append("  trackers: " + ", ".join(result["trackers"])
                      + ("; missing: " + "; ".join(f"{k} ({v[:60]})" for k, v in result["missing"].items())
                         if result["missing"] else ""))
-    lines.append("targets:")
-    lines += [Target.from_dict(t).line() for t in result["targets"]]
-    return "\n".join(lines)
+    return benchlib.report_text(lines, result["targets"])
 
 
 def main(argv: list[str] | None = None) -> int:
