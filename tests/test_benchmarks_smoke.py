@@ -118,7 +118,8 @@ def test_bare_loop_reads_callgrind_dumps_in_dump_order(tmp_path: Path) -> None:
         read_dumps(tmp_path, "cg.out")
 
 
-@pytest.mark.slow  # torch under valgrind: about 6 minutes
+@pytest.mark.slow  # torch under valgrind: 6-8 minutes
+@pytest.mark.timeout(1200)
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
 def test_bare_loop_counts_instructions_under_callgrind() -> None:
     """The instruction count runs for real: one round of each contender, counted
