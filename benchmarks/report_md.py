@@ -144,13 +144,25 @@ def render(results: dict[str, Any], rel: str) -> str:
             lines.append(f"NOT RUN: {bare['skipped']}.")
         else:
             tm = bare["time"]
-            us = tm["us_per_step"]
-            lines += _table(["contender", "us/step", "spread", "over raw %", "spread"],
-                            [["raw", us["raw"]["median"], _rng(us["raw"]), "-", "-"],
-                             ["hookloop, no plugins", us["hookloop"]["median"], _rng(us["hookloop"]),
-                              tm["overhead_pct"]["median"], _rng(tm["overhead_pct"])]])
-            lines.append(f"\n{tm['rounds_run']} rounds of {tm['steps_per_epoch']} steps, windows of "
-                         f"{tm['window']} steps.")
+            rows = []
+            fresh = " (fresh process)" if "overhead_pct_by_order" in tm else ""  # older results: in-process
+            for t, where in ((tm, fresh), (bare.get("time_here"), " (the suite's process)")):
+                if not t or "error" in t:
+                    continue
+                us = t["us_per_step"]
+                rows += [["raw" + where, us["raw"]["median"], _rng(us["raw"]), "-", "-"],
+                         ["hookloop, no plugins" + where, us["hookloop"]["median"], _rng(us["hookloop"]),
+                          t["overhead_pct"]["median"], _rng(t["overhead_pct"])]]
+                for key, label in (("raw_first", "raw step first"), ("raw_second", "raw step second")):
+                    o = t.get("overhead_pct_by_order", {}).get(key)
+                    if o:
+                        rows.append([f"windows with the {label}", "-", "-", o["median"], _rng(o)])
+            if "error" in tm:
+                lines.append(f"Timing failed: {tm['error']}.")
+            else:
+                lines += _table(["contender", "us/step", "spread", "over raw %", "spread"], rows)
+                lines.append(f"\n{tm['rounds_run']} rounds of {tm['steps_per_epoch']} steps, windows of "
+                             f"{tm['window']} steps.")
             ins = bare.get("instructions") or {}
             if "error" in ins or not ins:
                 lines.append(f"Instructions per step: {ins.get('error', 'not run')}.")

@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             t_part = time.perf_counter()
             if part == "checkpoint":
                 results[part] = mod.run(device, args.quick, root)
+            elif part == "bare":  # the target in a fresh process, and this process's figure beside it
+                results[part] = mod.run(device, args.quick, root, stack, here=True)
             else:
                 results[part] = mod.run(device, args.quick, root, stack)
             results[part]["machine"] = results["machine"]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -103,6 +104,32 @@ def _bare_loop() -> Any:
     finally:
         sys.path.remove(str(BENCH))
     return bare_loop
+
+
+def test_bare_loop_alternates_which_step_runs_first_by_window() -> None:
+    """Whichever of two steps runs second on a batch is measured a little faster, so
+    the harness alternates the order by window: the raw step runs before the batch is
+    handed out in even windows and right after hookloop's step on it in odd windows;
+    every batch gets exactly one raw step, and the timings stay in batch order."""
+    bare_loop = _bare_loop()
+    batches = bare_loop._batches(10)
+    it = bare_loop._Interleaved(batches, torch.nn.Linear(32, 1), window=3)
+    events: list[tuple[str, int]] = []
+    real_raw_step = it._raw_step
+
+    def raw_step(batch: Any) -> None:
+        events.append(("raw", next(i for i, b in enumerate(batches) if b is batch)))
+        real_raw_step(batch)
+
+    it._raw_step = raw_step  # type: ignore[method-assign]
+    for i, _ in enumerate(it):
+        events.append(("hook", i))
+    expected: list[tuple[str, int]] = []
+    for i in range(10):
+        pair = [("raw", i), ("hook", i)]
+        expected += pair if (i // 3) % 2 == 0 else pair[::-1]
+    assert events == expected
+    assert len(it.raw) == len(it.hook) == 10
 
 
 def test_bare_loop_reads_callgrind_dumps_in_dump_order(tmp_path: Path) -> None:
