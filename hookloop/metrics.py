@@ -98,6 +98,14 @@ class MetricStore:
     # ------------------------------------------------------------------ reduction
 
     def _sum_count(self, values: list[Any]) -> tuple[Any, int]:
+        try:  # the usual case, 0-d tensors of one dtype on one device: one stack, one cast
+            stacked = torch.stack(values)
+        except (TypeError, RuntimeError):  # numbers among them, shapes or devices differ, none
+            stacked = None
+        if stacked is not None and stacked.ndim == 1:
+            dtype = stacked.dtype
+            if all(v.dtype is dtype for v in values):  # nothing was promoted by the stack
+                return stacked.to(self._device, self._dtype).sum(), len(values)
         tensors = [v for v in values if isinstance(v, torch.Tensor)]
         total: Any = 0.0
         if tensors:

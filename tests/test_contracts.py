@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from typing import Any
 
 import pytest
@@ -78,6 +79,36 @@ def test_values_keep_their_exactness() -> None:
     assert metrics["count"] == float(big)
     assert metrics["third"] == 1 / 3
     assert metrics["f32"] == float(torch.tensor(0.1, dtype=torch.float32))
+
+
+_BIG = 2**40 + 1
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [torch.tensor(_BIG), torch.tensor(0.5)],  # int64 with float32: no float32 on the way
+        [torch.tensor(0.5, dtype=torch.float16), torch.tensor(1 / 3, dtype=torch.float64)],
+        [torch.tensor(True), torch.tensor(0.25)],
+        [torch.tensor(2.0), torch.tensor([4.0]), torch.tensor([[8.0]])],  # 0-d and one-element
+        [torch.tensor(_BIG), 0.5, 3],  # numbers among the tensors
+        [0.5, 0.25],
+        [torch.tensor(0.1)] * 3,  # the usual case
+    ],
+    ids=["int64+f32", "f16+f64", "bool+f32", "shapes", "numbers", "only-numbers", "same"],
+)
+def test_one_interval_of_mixed_values_is_reduced_exactly(values: list[Any]) -> None:
+    """Whatever mix of kinds one name gets in an interval, its mean is the float64 mean
+    of the values as given (no value passes through a narrower dtype)."""
+    def step(loop, batch):
+        for v in values:
+            loop.log("m", v)
+        return nn.functional.cross_entropy(loop.model(batch[0]), batch[1])
+
+    rec = HookRecorder(["on_log"])
+    tiny_loop([rec], step_fn=step, log_every_n_steps=1, val_data=None).fit(max_steps=1)
+    exact = [float(v.double().reshape(())) if isinstance(v, torch.Tensor) else float(v) for v in values]
+    assert rec.logged()[0][1]["m"] == math.fsum(exact) / len(exact)
 
 
 def test_reduce_now_gives_fresh_values_off_the_interval() -> None:
