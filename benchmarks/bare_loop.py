@@ -18,9 +18,10 @@ So the two are compared where drift cannot come between them:
   figure is the mean of two medians, over its raw-first and its raw-second windows,
   of (hookloop's time - raw's) / raw's, in %. The figure is the median over rounds
   (one epoch each) with its spread (min..max across rounds). The suite also measures
-  it in its own process, after the other parts have trained Ignite and Lightning
-  there, and reports that beside the target (the allocator's state then differs, and
-  the loop's share of the step with it).
+  it in its own process, after its workloads part has trained there (the full stack
+  with its trackers, the compiled CNN, the peers when installed), and reports that
+  beside the target: in such a process the loop's share of the step is larger, for
+  reasons not pinned down (docs/benchmarks.md).
 - **Instructions** (when ``valgrind`` is on ``PATH``, and not with ``--quick``): raw
   loop epochs and hookloop epochs in a child process under ``valgrind
   --tool=callgrind``, which zeroes its counters when an epoch's first batch is handed
@@ -289,9 +290,9 @@ def time_in_fresh_process(quick: bool) -> dict[str, Any]:
 def run(device: torch.device, quick: bool, root: Path | None = None, stack: Any = None,
         count: bool = True, here: bool = False) -> dict[str, Any]:
     """Both measurements; returns the JSON-ready result with its target. The target's
-    timing runs in a fresh process; with ``here`` (the suite, whose process has trained
-    the other frameworks by then), it is also measured in this process and reported
-    beside it. ``root`` and ``stack`` are unused (the suite passes them to every part)."""
+    timing runs in a fresh process; with ``here`` (the suite, whose process has run the
+    workloads by then), it is also measured in this process and reported beside it.
+    ``root`` and ``stack`` are unused (the suite passes them to every part)."""
     name = "tiny MLP, hookloop no plugins over raw"
     if device.type != "cpu":
         why = f"a CPU target; not run on {device.type}"
